@@ -1,0 +1,21 @@
+"""hyperopt_torch: gradient-based hyperparameter optimisation by implicit differentiation."""
+
+from .hypergrad import HypergradInfo, Hypergradient, implicit_hypergradient
+from .ihvp import SOLVER_NAMES, ConjugateGradient, Exact, Identity, Neumann, Nystrom, make_solver
+from .optim import HyperOptimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HyperOptimizer",
+    "implicit_hypergradient",
+    "Hypergradient",
+    "HypergradInfo",
+    "make_solver",
+    "SOLVER_NAMES",
+    "Nystrom",
+    "ConjugateGradient",
+    "Neumann",
+    "Identity",
+    "Exact",
+]

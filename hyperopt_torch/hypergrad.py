@@ -1,0 +1,211 @@
+"""The implicit hypergradient (Hataya & Yamada 2023, Eq. 3), independent of the solver.
+
+    dg/dφ = ∂g/∂φ − (∂²f/∂φ∂θ)ᵀ (∇²_θ f)⁻¹ ∇_θ g
+
+with ``f`` the training loss and ``g`` the validation loss, both evaluated at
+the model's current parameters θ (assumed to approximately minimise ``f``).
+The inverse-Hessian-vector product ``x ≈ (∇²_θ f)⁻¹ ∇_θ g`` comes from any
+solver in :mod:`hyperopt_torch.ihvp`; the mixed term is one vector-Jacobian
+product ``∂/∂φ ⟨∇_θ f, x⟩`` through the same gradient graph the HVPs use.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .hvp import HessianVectorProduct, flatten
+from .ihvp import Solver, make_solver
+
+LossFn = Callable[[nn.Module], Tensor]
+
+
+@dataclass
+class HypergradInfo:
+    """Diagnostics of one hypergradient computation.
+
+    Attributes:
+        solver: ``repr`` of the solver used.
+        hvps: Hessian-vector products computed (the residual's one included).
+        seconds: wall time of the whole computation (losses, solve, VJP).
+        residual: ``‖(H + ρI)x − b‖ / ‖b‖`` when requested, else ``None``
+            (ρ is the solver's damping; 0 for Neumann and identity).
+        skipped: the result was non-finite and was not applied.
+        train_loss: the training loss ``f`` at θ.
+        val_loss: the validation loss ``g`` at θ.
+    """
+
+    solver: str
+    hvps: int
+    seconds: float
+    residual: float | None
+    skipped: bool
+    train_loss: float
+    val_loss: float
+
+
+class Hypergradient(NamedTuple):
+    """Result of :func:`implicit_hypergradient`: ``grads`` shaped like the hparams, and ``info``."""
+
+    grads: tuple[Tensor, ...]
+    info: HypergradInfo
+
+
+def _scalar(loss, name: str) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"{name} must return a scalar tensor, got shape {tuple(loss.shape)}")
+    if not loss.requires_grad:
+        raise ValueError(f"{name} returned a tensor that does not require grad: compute it from the model outside torch.no_grad()")
+    return loss.reshape(())
+
+
+class _ModelSnapshot:
+    """Restores a model's buffers, train/eval flags and parameter ``.grad`` references.
+
+    Parameter values are never written by this module; buffers (BatchNorm
+    running statistics) and modes can be changed by the user's loss functions.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[Tensor]):
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self.grads = [(p, p.grad) for p in params]
+
+    def restore(self) -> None:
+        for m, mode in self.modes:
+            m.training = mode
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        for p, g in self.grads:
+            p.grad = g
+
+
+def check_hparams(hparams: Sequence[Tensor], name: str = "hparams") -> list[Tensor]:
+    """Validate a flat list of hyperparameter tensors; return it as a list."""
+    hparams = list(hparams)
+    if not hparams:
+        raise ValueError(f"{name} is empty: expected at least one tensor to tune")
+    for i, h in enumerate(hparams):
+        if not isinstance(h, Tensor):
+            raise TypeError(f"{name}[{i}] is a {type(h).__name__}, expected a torch.Tensor")
+        if not h.requires_grad:
+            raise ValueError(f"{name}[{i}] does not require grad: create it with requires_grad=True")
+        if not h.is_leaf:
+            raise ValueError(f"{name}[{i}] is not a leaf tensor: pass the tensor you created, not an expression of it")
+    return hparams
+
+
+def implicit_hypergradient(
+    hparams: Sequence[Tensor],
+    train_loss_fn: LossFn,
+    val_loss_fn: LossFn,
+    model: nn.Module,
+    ihvp: Solver | str = "nystrom",
+    *,
+    generator: torch.Generator | None = None,
+    residual: bool = False,
+) -> Hypergradient:
+    """The implicit hypergradient ``dg/dφ`` (Eq. 3), without touching any ``.grad``.
+
+    Args:
+        hparams: the tensors φ (leaf, ``requires_grad=True``), on the model's
+            device.  They enter ``train_loss_fn`` in any differentiable way,
+            typically by closure; they may also enter ``val_loss_fn`` (the
+            direct term ``∂g/∂φ``).
+        train_loss_fn: ``model ↦ f``, a scalar tensor.
+        val_loss_fn: ``model ↦ g``, a scalar tensor.
+        model: the inner model; θ are its parameters with ``requires_grad``,
+            taken at their current values.
+        ihvp: a solver object or one of the names accepted by
+            :func:`~hyperopt_torch.make_solver` (with its default settings).
+        generator: CPU ``torch.Generator`` for randomised solvers (Nyström).
+        residual: also compute ``‖(H + ρI)x − b‖/‖b‖`` (one more HVP).
+
+    Returns:
+        ``Hypergradient(grads, info)``: ``grads[i]`` has the shape, dtype and
+        device of ``hparams[i]``; non-finite values are returned as they are,
+        with ``info.skipped = True``.
+
+    Raises:
+        TypeError / ValueError: bad hparams, a loss that is not a scalar
+            tensor, hparams on another device than the model, a model without
+            trainable parameters, or an hparam that the gradient of the
+            training loss does not depend on.  The model is left unchanged.
+
+    The model is left exactly as found: parameter values and ``.grad``,
+    buffers and train/eval modes.  One host-device synchronisation happens, at
+    the end (the finiteness check and the loss values).
+    """
+    hparams = check_hparams(hparams)
+    solver = make_solver(ihvp) if isinstance(ihvp, str) else ihvp
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameters with requires_grad=True: there is no inner problem to differentiate")
+    device = params[0].device
+    for i, h in enumerate(hparams):
+        if h.device != device:
+            raise ValueError(f"hparams[{i}] is on {h.device} but the model is on {device}: move them to the same device")
+    ids = {id(p) for p in params}
+    for i, h in enumerate(hparams):
+        if id(h) in ids:
+            raise ValueError(f"hparams[{i}] is also a parameter of the model: an inner parameter cannot be its own hyperparameter")
+
+    start = time.perf_counter()
+    snapshot = _ModelSnapshot(model, params)
+    try:
+        with torch.enable_grad():
+            val = _scalar(val_loss_fn(model), "val_loss_fn")
+            direct = torch.autograd.grad(val, params + hparams, allow_unused=True)
+            b = flatten(direct[: len(params)], params).detach()
+            train = _scalar(train_loss_fn(model), "train_loss_fn")
+            train_grads = torch.autograd.grad(train, params, create_graph=True, allow_unused=True)
+            hvp = HessianVectorProduct(train_grads, params)
+
+            x = solver.solve(hvp, b, generator=generator)
+            res = None
+            if residual:
+                r = hvp(x) + solver.damping * x - b
+                res = r.norm() / b.norm()
+            mixed = hvp.vjp_mixed(x, hparams)
+            for i, m in enumerate(mixed):
+                if m is None:
+                    raise ValueError(
+                        f"hparams[{i}] does not enter the gradient of the training loss with respect to the model "
+                        "parameters, so implicit differentiation gives it no hypergradient. Optimizer settings such as "
+                        "the learning rate or momentum act only through the update rule: tune those with "
+                        "hyperopt_torch.unrolled instead."
+                    )
+            grads = tuple(
+                (d.detach() if d is not None else torch.zeros_like(h)) - m.detach()
+                for d, m, h in zip(direct[len(params):], mixed, hparams)
+            )
+            checks = [torch.stack([torch.isfinite(g).all() for g in grads]).all().to(val.dtype), train.detach(), val.detach()]
+            if res is not None:
+                checks.append(res.detach().to(val.dtype))
+            finite, train_value, val_value, *rest = torch.stack(checks).tolist()  # the one sync
+    finally:
+        snapshot.restore()
+
+    info = HypergradInfo(
+        solver=repr(solver),
+        hvps=hvp.calls,
+        seconds=time.perf_counter() - start,
+        residual=rest[0] if rest else None,
+        skipped=not (finite and all(map(_isfinite, (train_value, val_value)))),
+        train_loss=train_value,
+        val_loss=val_value,
+    )
+    return Hypergradient(grads, info)
+
+
+def _isfinite(v: float) -> bool:
+    return v == v and abs(v) != float("inf")
+
+

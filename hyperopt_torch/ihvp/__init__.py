@@ -1,0 +1,70 @@
+"""Inverse-Hessian-vector-product solvers, each over a batched ``matvec``.
+
+Every solver exposes ``name``, ``damping`` (the ρ of the system
+``(H + ρI)x = b`` it targets) and ``solve(matvec, b, generator=None) -> x``
+with ``matvec(V: (B, p)) -> (B, p)`` and ``b: (p,)``.  A plain function sits
+under each class (:func:`nystrom_solve`, :func:`cg_solve`, ...), so every
+solver can be run on a dense matrix: ``matvec = lambda V: V @ A``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from ..hvp import Matvec
+from .cg import ConjugateGradient, cg_solve
+from .exact import Exact, exact_solve
+from .identity import Identity, identity_solve
+from .neumann import Neumann, neumann_solve
+from .nystrom import Nystrom, nystrom_solve
+
+
+class Solver(Protocol):
+    name: str
+    damping: float
+
+    def solve(self, matvec: Matvec, b: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
+
+
+_SOLVERS = {
+    "nystrom": (Nystrom, ("rank", "rho", "chunk", "sketch")),
+    "cg": (ConjugateGradient, ("iters", "rho")),
+    "neumann": (Neumann, ("iters", "alpha")),
+    "identity": (Identity, ()),
+    "exact": (Exact, ("rho",)),
+}
+SOLVER_NAMES = tuple(_SOLVERS)
+
+
+def make_solver(name: str, **settings) -> Solver:
+    """Build a solver from its name and the settings that apply to it.
+
+    ``name`` is one of ``"nystrom"`` (settings ``rank``, ``rho``, ``chunk``,
+    ``sketch``), ``"cg"`` (``iters``, ``rho`` as damping), ``"neumann"``
+    (``iters``, ``alpha``), ``"identity"`` (none) or ``"exact"`` (``rho`` as
+    damping).  Settings given as ``None`` are ignored (the solver's default
+    applies).
+
+    Raises:
+        ValueError: an unknown name, a setting that does not apply to this
+            solver, or an invalid value.
+    """
+    if not isinstance(name, str) or name not in _SOLVERS:
+        raise ValueError(f"Invalid ihvp: {name!r} (expected one of {', '.join(map(repr, SOLVER_NAMES))} or a solver object)")
+    cls, allowed = _SOLVERS[name]
+    given = {k: v for k, v in settings.items() if v is not None}
+    extra = sorted(set(given) - set(allowed))
+    if extra:
+        applies = ", ".join(allowed) if allowed else "no settings"
+        raise ValueError(f"{', '.join(extra)} does not apply to ihvp={name!r} (it takes {applies})")
+    return cls(**given)
+
+
+__all__ = [
+    "Solver", "make_solver", "SOLVER_NAMES",
+    "Nystrom", "ConjugateGradient", "Neumann", "Identity", "Exact",
+    "nystrom_solve", "cg_solve", "neumann_solve", "identity_solve", "exact_solve",
+]

@@ -1,0 +1,282 @@
+"""Nyström low-rank inverse-Hessian-vector product (Hataya & Yamada 2023).
+
+The Hessian is replaced by its rank-``k`` Nyström approximation (Eq. 4)
+
+    H_k = (HΩ) (ΩᵀHΩ)† (HΩ)ᵀ,
+
+where the ``p × k`` test matrix ``Ω`` selects ``k`` random columns of the
+identity (``sketch="columns"``: ``HΩ = H[:, K]``, ``ΩᵀHΩ = H[K, K]``, the
+paper's choice) or has Gaussian entries (``sketch="gaussian"``: the
+randomized Nyström approximation of Frangella, Tropp & Udell, which cannot
+pick an all-zero Hessian column).  The damped inverse ``(H_k + ρI)⁻¹ b`` is
+then computed through the Woodbury identity (Eq. 5–6).
+
+Cost and the κ trade-off (Section 2.3–2.4, Table 1)
+---------------------------------------------------
+Everything the solve needs is three small float64 quantities — ``W = ΩᵀHΩ``,
+the Gram matrix ``G = (HΩ)ᵀ(HΩ)`` and ``c = (HΩ)ᵀ b`` (all ``k × k`` or
+``k``) — plus one final combination ``x = a·b + (HΩ) β``.  ``chunk = κ``
+controls how many of the ``k`` columns ``HΩ`` are held at once:
+
+* ``κ = k`` (time-efficient, Eq. 6): one batched backward computes all ``k``
+  columns; ``k`` HVPs, ``O(kp)`` memory.
+* ``κ = 1`` (space-efficient, Eq. 8–9) and ``1 < κ < k`` (Algorithm 1): the
+  ``m = ⌈k/κ⌉`` column blocks are recomputed as the blockwise Gram matrix
+  needs them; ``κ·m(m+1)/2`` HVPs, ``O(κp)`` memory.
+
+Algorithm 1's sequential Woodbury updates ``Ĥ ← Ĥ − ĤL(J + LᵀĤL)⁻¹LᵀĤ`` are,
+in exact arithmetic, functions of these same small quantities, so every κ
+returns the same vector up to rounding.
+
+Numerics
+--------
+The literal Eq. 6, ``x = b/ρ − (1/ρ²) C (W + CᵀC/ρ)⁻¹ Cᵀ b``, subtracts two
+vectors of size ``‖b‖/ρ`` to get one of size ``‖H⁻¹b‖``, losing about
+``log10(1/ρ)`` digits, and its ``k × k`` inverse fails when ``W`` is singular
+(a dead ReLU unit gives an all-zero column, Section 5).  Instead:
+
+1. ``W = UΛUᵀ`` (symmetrised, float64); eigenvalues with
+   ``|λ| ≤ k·ε·max|λ|`` are dropped, which is the pseudo-inverse of Eq. 4.
+   ``L = (HΩ)U_r`` gives ``H_k = LΛ_r⁻¹Lᵀ`` (Eq. 8).
+2. ``LᵀL = EDEᵀ`` gives an orthonormal basis ``Q = L E D^{-1/2}`` of the range
+   of ``H_k`` (a Cholesky-QR in the small space) and
+   ``H_k = Q S Qᵀ`` with ``S = D^{1/2}EᵀΛ_r⁻¹ED^{1/2} = VΣVᵀ``.
+3. ``(H_k + ρI)⁻¹ b = QV(Σ + ρ)⁻¹VᵀQᵀb + (b − QQᵀb)/ρ``; the last term is
+   exactly zero, and skipped, when the range of ``Q`` is all of ``ℝᵖ``.
+
+So no ``1/ρ`` cancellation happens inside the range of the sketch, and at
+``k = p`` the solver reproduces ``(H + ρI)⁻¹ b`` to rounding even for
+``ρ = 1e-9``.  The ``p``-sized work runs in the input's dtype; the small
+matrices are formed and factorised in float64.
+
+References:
+    Hataya & Yamada, "Nyström Method for Accurate and Scalable Implicit
+    Differentiation", AISTATS 2023 (Eq. 4–9, Algorithm 1, Theorem 1).
+    Frangella, Tropp & Udell, "Randomized Nyström Preconditioning", 2021.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..hvp import Matvec
+from ._validate import positive_float, positive_int
+
+SKETCHES = ("columns", "gaussian")
+
+
+def _test_matrix(sketch: str, p: int, k: int, b: Tensor, generator: torch.Generator | None):
+    """Return ``(rows, project)``: ``rows(j0, j1)`` gives ``Ω[:, j0:j1]ᵀ`` and
+    ``project(j0, j1, Y)`` gives ``Ω[:, j0:j1]ᵀ Yᵀ`` for ``Y`` of shape ``(n, p)``.
+
+    Random draws come from ``generator`` (a CPU generator) only, so the
+    sketch is the same for every chunk size and reproducible from its state.
+    """
+    if sketch == "columns":
+        index = torch.randperm(p, generator=generator)[:k].to(b.device)
+
+        def rows(j0: int, j1: int) -> Tensor:
+            E = torch.zeros(j1 - j0, p, dtype=b.dtype, device=b.device)
+            E[torch.arange(j1 - j0, device=b.device), index[j0:j1]] = 1
+            return E
+
+        def project(j0: int, j1: int, Y: Tensor) -> Tensor:
+            return Y[:, index[j0:j1]].T
+
+        return rows, project
+
+    # One seed per column: the Gaussian columns are drawn on the input's
+    # device and do not depend on how they are chunked.
+    seeds = torch.randint(0, 2**62, (k,), generator=generator).tolist()
+
+    def rows(j0: int, j1: int) -> Tensor:
+        out = torch.empty(j1 - j0, p, dtype=b.dtype, device=b.device)
+        for i, seed in enumerate(seeds[j0:j1]):
+            g = torch.Generator(device=b.device).manual_seed(seed)
+            out[i] = torch.randn(p, generator=g, dtype=b.dtype, device=b.device)
+        return out
+
+    cache: dict[tuple[int, int], Tensor] = {}
+
+    def project(j0: int, j1: int, Y: Tensor) -> Tensor:
+        if (j0, j1) not in cache:
+            cache.clear()  # keep at most one block of Ω alive
+            cache[(j0, j1)] = rows(j0, j1)
+        return cache[(j0, j1)] @ Y.T
+
+    return rows, project
+
+
+def _gram(A: Tensor, B: Tensor) -> Tensor:
+    return A.double() @ B.double().T
+
+
+def nystrom_sketch(
+    matvec: Matvec,
+    b: Tensor,
+    rank: int,
+    chunk: int | None = None,
+    sketch: str = "columns",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """Compute the small quantities of the Nyström approximation.
+
+    Returns ``(W, G, c, combine)`` where, with ``Y = (HΩ)ᵀ`` of shape ``(k, p)``,
+    ``W = ΩᵀY ᵀ`` (``k × k``), ``G = YYᵀ`` (``k × k``) and ``c = Yb`` (``k``), all
+    float64, and ``combine(β)`` returns ``Yᵀβ`` (shape ``(p,)``, dtype of ``b``),
+    recomputing column blocks as needed.  ``k = min(rank, p)``.
+
+    A data-parallel variant can all-reduce ``W``, ``G`` and ``c`` (or wrap
+    ``matvec`` so that it all-reduces ``HΩ``) before :func:`nystrom_from_sketch`.
+    """
+    p = b.numel()
+    k = min(rank, p)
+    kappa = k if chunk is None else min(chunk, k)
+    blocks = [(j, min(j + kappa, k)) for j in range(0, k, kappa)]
+    rows, project = _test_matrix(sketch, p, k, b, generator)
+
+    def column_block(i: int) -> Tensor:
+        j0, j1 = blocks[i]
+        return matvec(rows(j0, j1))
+
+    W = torch.empty(k, k, dtype=torch.float64, device=b.device)
+    G = torch.empty_like(W)
+    c = torch.empty(k, dtype=torch.float64, device=b.device)
+    held = {0: column_block(0)}
+    # Upper triangle of blocks; the first block computed in row a's inner loop
+    # is kept as row a+1's own block, so m(m-1)/2 + 1 block computations in all.
+    for a, (a0, a1) in enumerate(blocks):
+        Ya = held.pop(a)
+        G[a0:a1, a0:a1] = _gram(Ya, Ya)
+        W[a0:a1, a0:a1] = project(a0, a1, Ya)
+        c[a0:a1] = Ya.double() @ b.double()
+        for bi in range(a + 1, len(blocks)):
+            b0, b1 = blocks[bi]
+            Yb = column_block(bi)
+            G[a0:a1, b0:b1] = _gram(Ya, Yb)
+            G[b0:b1, a0:a1] = G[a0:a1, b0:b1].T
+            W[a0:a1, b0:b1] = project(a0, a1, Yb)
+            W[b0:b1, a0:a1] = project(b0, b1, Ya)
+            if bi == a + 1:
+                held[bi] = Yb
+        if a == len(blocks) - 1:
+            held[a] = Ya  # the last block is reused by combine()
+
+    def combine(beta: Tensor) -> Tensor:
+        beta = beta.to(b.dtype)
+        out = torch.zeros_like(b)
+        for i in reversed(range(len(blocks))):
+            j0, j1 = blocks[i]
+            Y = held.pop(i) if i in held else column_block(i)
+            out.add_(beta[j0:j1] @ Y)
+        return out
+
+    return W, G, c, combine
+
+
+def nystrom_from_sketch(
+    W: Tensor, G: Tensor, c: Tensor, p: int, rho: float, eps: float
+) -> tuple[float, Tensor]:
+    """Solve the damped Nyström system in the small space (float64).
+
+    Given ``W = ΩᵀHΩ``, ``G = (HΩ)ᵀHΩ`` and ``c = (HΩ)ᵀb`` returns ``(a, β)`` with
+    ``(H_k + ρI)⁻¹ b = a·b + HΩ β``.  ``eps`` is the machine epsilon of the
+    ``p``-sized data, which sets the relative cut-off for numerically zero
+    eigenvalues.  See the module docstring for the derivation.
+    """
+    k = W.shape[0]
+    lam, U = torch.linalg.eigh(0.5 * (W + W.T))
+    keep = lam.abs() > lam.abs().max() * k * eps
+    if not bool(keep.any()):  # H_k = 0 (e.g. a zero Hessian)
+        return 1.0 / rho, torch.zeros_like(c)
+    lam, U = lam[keep], U[:, keep]
+    GL = U.T @ G @ U
+    d, E = torch.linalg.eigh(0.5 * (GL + GL.T))
+    keep = d > d.max() * k * eps
+    d, E = d[keep], E[:, keep]
+    T = U @ E * d.rsqrt()  # Q = (HΩ) T has orthonormal columns
+    root = d.sqrt()
+    S = (root[:, None] * (E.T @ (E / lam[:, None]))) * root[None, :]
+    sigma, V = torch.linalg.eigh(0.5 * (S + S.T))
+    qb = T.T @ c  # Qᵀ b
+    z = V @ ((V.T @ qb) / (sigma + rho))
+    if T.shape[1] == p:  # Q spans ℝᵖ: b − QQᵀb = 0 exactly
+        return 0.0, T @ z
+    return 1.0 / rho, T @ (z - qb / rho)
+
+
+def nystrom_solve(
+    matvec: Matvec,
+    b: Tensor,
+    rank: int,
+    rho: float,
+    chunk: int | None = None,
+    sketch: str = "columns",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``(H_k + ρI)⁻¹ b`` with the rank-``k`` Nyström approximation ``H_k`` of ``matvec``.
+
+    Args:
+        matvec: batched symmetric product ``V (B, p) ↦ V H (B, p)``.
+        b: right-hand side, shape ``(p,)``; sets dtype and device.
+        rank: ``k``, the number of sketch columns (capped at ``p``).
+        rho: damping ``ρ > 0``.
+        chunk: ``κ``; ``None`` means ``κ = k``.
+        sketch: ``"columns"`` (paper) or ``"gaussian"``.
+        generator: CPU generator for the random index set / Gaussian seeds.
+
+    Returns ``x`` of shape ``(p,)`` in ``b``'s dtype and device.  HVPs used:
+    ``k`` when ``κ ≥ k``, else ``κ·m(m+1)/2`` with ``m = ⌈k/κ⌉`` (fewer for a
+    ragged last block).
+    """
+    W, G, c, combine = nystrom_sketch(matvec, b, rank, chunk, sketch, generator)
+    a, beta = nystrom_from_sketch(W, G, c, b.numel(), rho, torch.finfo(b.dtype).eps)
+    x = combine(beta)
+    if a:
+        x.add_(b, alpha=a)
+    return x
+
+
+class Nystrom:
+    """Nyström + Woodbury inverse-Hessian-vector product (Hataya & Yamada 2023).
+
+    Args:
+        rank: ``k``, number of Hessian columns (or Gaussian sketch vectors).
+        rho: damping ``ρ > 0`` of ``(H_k + ρI)⁻¹``.
+        chunk: ``κ`` in ``1..rank``; ``None`` (default) is ``κ = k``, the
+            time-efficient Eq. 6; ``1`` is the space-efficient Eq. 9; between is
+            Algorithm 1.  All give the same result up to rounding.
+        sketch: ``"columns"`` (random Hessian columns, the paper) or
+            ``"gaussian"`` (randomized Nyström with a Gaussian test matrix).
+
+    Raises:
+        ValueError: ``rank < 1``, ``rho <= 0``, ``chunk`` outside ``1..rank``
+            or an unknown ``sketch``.
+    """
+
+    name = "nystrom"
+
+    def __init__(self, rank: int = 10, rho: float = 0.01, chunk: int | None = None, sketch: str = "columns"):
+        self.rank = positive_int("rank", rank)
+        self.rho = positive_float("rho", rho)
+        if chunk is not None:
+            chunk = positive_int("chunk", chunk)
+            if chunk > self.rank:
+                raise ValueError(f"Invalid chunk: {chunk} (expected 1 <= chunk <= rank = {self.rank}, or None)")
+        self.chunk = chunk
+        if sketch not in SKETCHES:
+            raise ValueError(f"Invalid sketch: {sketch!r} (expected one of {', '.join(map(repr, SKETCHES))})")
+        self.sketch = sketch
+
+    @property
+    def damping(self) -> float:
+        return self.rho
+
+    def solve(self, matvec: Matvec, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return nystrom_solve(matvec, b, self.rank, self.rho, self.chunk, self.sketch, generator)
+
+    def __repr__(self) -> str:
+        return f"Nystrom(rank={self.rank}, rho={self.rho}, chunk={self.chunk}, sketch={self.sketch!r})"
