@@ -1,0 +1,84 @@
+"""Problems with exact hypergradients, shared by the core tests (float64)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+DT = torch.float64
+
+
+@dataclass
+class Problem:
+    model: nn.Module
+    phi: torch.Tensor
+    train_loss: Callable
+    val_loss: Callable
+    exact: torch.Tensor  # the true hypergradient dg/dφ at the inner optimum
+    hessian: torch.Tensor  # ∇²_θ f at the inner optimum
+
+
+@pytest.fixture
+def ridge() -> Problem:
+    """Ridge regression with one penalty exp(φ_j) per feature; θ*(φ) in closed form."""
+    g = torch.Generator().manual_seed(0)
+    n, nv, d = 80, 50, 12
+    X, Xv = torch.randn(n, d, generator=g, dtype=DT), torch.randn(nv, d, generator=g, dtype=DT)
+    w = torch.randn(d, generator=g, dtype=DT)
+    y = X @ w + 0.5 * torch.randn(n, generator=g, dtype=DT)
+    yv = Xv @ w + 0.5 * torch.randn(nv, generator=g, dtype=DT)
+    phi = (0.5 * torch.randn(d, generator=g, dtype=DT) - 1).requires_grad_()
+
+    def theta_star(ph):
+        return torch.linalg.solve(X.T @ X / n + torch.diag(ph.exp()), X.T @ y / n)
+
+    exact = torch.autograd.grad(0.5 * ((Xv @ theta_star(phi) - yv) ** 2).mean(), phi)[0]
+    model = nn.Linear(d, 1, bias=False).to(DT)
+    with torch.no_grad():
+        model.weight.copy_(theta_star(phi)[None])
+    hessian = X.T @ X / n + torch.diag(phi.detach().exp())
+
+    def train_loss(m, ph=phi):
+        return 0.5 * ((m(X).squeeze(1) - y) ** 2).mean() + 0.5 * (ph.exp() * m.weight[0] ** 2).sum()
+
+    return Problem(model, phi, lambda m: train_loss(m), lambda m: 0.5 * ((m(Xv).squeeze(1) - yv) ** 2).mean(), exact, hessian)
+
+
+@pytest.fixture
+def logistic() -> Problem:
+    """L2-penalised logistic regression solved by Newton's method to machine precision;
+    the reference hypergradient (Eq. 3) uses the dense Hessian and mixed Jacobian."""
+    g = torch.Generator().manual_seed(1)
+    n, nv, d = 120, 80, 10
+    X, Xv = torch.randn(n, d, generator=g, dtype=DT), torch.randn(nv, d, generator=g, dtype=DT)
+    w = torch.randn(d, generator=g, dtype=DT)
+    y = (X @ w + 0.5 * torch.randn(n, generator=g, dtype=DT) > 0).to(DT)
+    yv = (Xv @ w + 0.5 * torch.randn(nv, generator=g, dtype=DT) > 0).to(DT)
+    phi = (0.3 * torch.randn(d, generator=g, dtype=DT) - 2).requires_grad_()
+    bce = nn.functional.binary_cross_entropy_with_logits
+
+    def f(theta, ph):
+        return bce(X @ theta, y) + 0.5 * (ph.exp() * theta**2).sum()
+
+    def val(theta):
+        return bce(Xv @ theta, yv)
+
+    theta = torch.zeros(d, dtype=DT)
+    ph0 = phi.detach()
+    for _ in range(30):  # Newton's method on a strongly convex problem
+        grad = torch.func.grad(f)(theta, ph0)
+        H = torch.func.hessian(f)(theta, ph0)
+        theta = theta - torch.linalg.solve(H, grad)
+    assert torch.func.grad(f)(theta, ph0).norm() < 1e-12
+    H = torch.func.hessian(f)(theta, ph0)
+    F = torch.func.jacrev(torch.func.grad(f), argnums=1)(theta, ph0)  # ∂²f/∂θ∂φ, (p, h)
+    exact = -F.T @ torch.linalg.solve(H, torch.func.grad(val)(theta))
+
+    model = nn.Linear(d, 1, bias=False).to(DT)
+    with torch.no_grad():
+        model.weight.copy_(theta[None])
+    return Problem(model, phi, lambda m: f(m.weight[0], phi), lambda m: val(m.weight[0]), exact, H)

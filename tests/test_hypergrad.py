@@ -1,0 +1,225 @@
+"""implicit_hypergradient against exact hypergradients, and its guarantees about the model."""
+
+import pytest
+import torch
+from torch import nn
+
+from hyperopt_torch import ConjugateGradient, Exact, Identity, Neumann, Nystrom, implicit_hypergradient
+
+DT = torch.float64
+
+
+def rel(x, y):
+    return ((x - y).norm() / y.norm()).item()
+
+
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("problem", ["ridge", "logistic"])
+@pytest.mark.parametrize(
+    "solver, tol",
+    [
+        (Exact(), 1e-10),
+        (Nystrom(rank=12, rho=1e-10), 1e-6),
+        (Nystrom(rank=12, rho=1e-10, chunk=1), 1e-6),
+        (Nystrom(rank=12, rho=1e-10, chunk=5, sketch="gaussian"), 1e-6),
+        (ConjugateGradient(iters=12), 1e-8),
+        (Neumann(iters=3000, alpha=0.3), 1e-6),
+    ],
+)
+def test_hypergradient_matches_exact(problem, solver, tol, request):
+    P = request.getfixturevalue(problem)
+    (g,), info = implicit_hypergradient([P.phi], P.train_loss, P.val_loss, P.model, solver, generator=gen())
+    assert not info.skipped
+    assert rel(g, P.exact) < tol
+
+
+def test_cheap_approximations_are_measurably_off(ridge):
+    """The exactness checks above can fail: truncated solvers are not exact here."""
+    for solver in (Identity(), ConjugateGradient(iters=2), Nystrom(rank=3, rho=0.01)):
+        (g,), _ = implicit_hypergradient([ridge.phi], ridge.train_loss, ridge.val_loss, ridge.model, solver, generator=gen())
+        assert rel(g, ridge.exact) > 1e-2, solver
+
+
+def test_direct_term_is_included(ridge):
+    """g(θ, φ) = val + ½‖φ‖²: dg/dφ gains exactly φ."""
+    phi = ridge.phi
+    val = lambda m: ridge.val_loss(m) + 0.5 * (phi**2).sum()
+    (g,), _ = implicit_hypergradient([phi], ridge.train_loss, val, ridge.model, Exact())
+    assert rel(g, ridge.exact + phi.detach()) < 1e-10
+
+
+def test_several_hparams_and_their_shapes(ridge):
+    """Split φ into two tensors of different shapes: same numbers, shapes preserved."""
+    d = ridge.phi.numel()
+    a = ridge.phi.detach()[:5].clone().requires_grad_()
+    b = ridge.phi.detach()[5:].clone().reshape(1, d - 5).requires_grad_()
+    full = lambda: torch.cat([a, b.reshape(-1)])
+    W = ridge.model.weight
+
+    def train(m):
+        return ridge.train_loss(m) - 0.5 * (ridge.phi.exp() * W[0] ** 2).sum() + 0.5 * (full().exp() * W[0] ** 2).sum()
+
+    (ga, gb), _ = implicit_hypergradient([a, b], train, ridge.val_loss, ridge.model, Exact())
+    assert ga.shape == a.shape and gb.shape == b.shape
+    assert rel(torch.cat([ga, gb.reshape(-1)]), ridge.exact) < 1e-10
+
+
+def test_result_keeps_model_dtype_and_counts_hvps(ridge):
+    grads, info = implicit_hypergradient([ridge.phi], ridge.train_loss, ridge.val_loss, ridge.model,
+                                         ConjugateGradient(iters=4), residual=True)
+    assert grads[0].dtype == DT
+    assert info.hvps == 5  # 4 CG iterations + 1 for the residual
+    assert info.residual is not None and info.residual > 0
+    assert info.seconds > 0 and info.train_loss > 0 and info.val_loss > 0
+
+
+def test_solver_name_uses_default_settings(ridge):
+    _, info = implicit_hypergradient([ridge.phi], ridge.train_loss, ridge.val_loss, ridge.model, "nystrom", generator=gen())
+    assert info.solver.startswith("Nystrom(rank=10")
+
+
+def test_float32_model_gives_float32_hypergradient(ridge):
+    model = ridge.model.float()
+    phi = ridge.phi.detach().float().requires_grad_()
+    X = torch.randn(30, phi.numel())
+    train = lambda m: (m(X) ** 2).mean() + (phi.exp() * m.weight[0] ** 2).sum()
+    (g,), info = implicit_hypergradient([phi], train, lambda m: m(X).mean(), model, Nystrom(4, 0.1), generator=gen())
+    assert g.dtype == torch.float32 and not info.skipped
+
+
+# --- networks -----------------------------------------------------------------------------------
+
+def _net_with_bn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).to(DT)
+
+
+def test_dead_relu_network_gives_finite_hypergradient():
+    """All-zero Hessian columns (dead ReLU units) make H[K,K] singular (paper, Section 5)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1)).to(DT)
+    with torch.no_grad():
+        model[0].bias[:12] = -100.0  # 12 of 16 hidden units are dead on every input
+    X, y = torch.randn(32, 4, dtype=DT), torch.randn(32, 1, dtype=DT)
+    decay = torch.full((16,), 0.0, dtype=DT, requires_grad=True)
+    train = lambda m: ((m(X) - y) ** 2).mean() + (decay.exp() * m[2].weight[0] ** 2).sum() * 1e-3
+    val = lambda m: ((m(X[:8]) - y[:8]) ** 2).mean()
+
+    def first_layer_loss(w):
+        hidden = torch.relu(X @ w.reshape(16, 4).T + model[0].bias.detach())
+        return ((hidden @ model[2].weight.detach().T + model[2].bias.detach() - y) ** 2).mean()
+
+    H = torch.autograd.functional.hessian(first_layer_loss, model[0].weight.detach().reshape(-1))
+    assert (H.abs().sum(0) == 0).sum() == 48  # the dead units' weights have all-zero Hessian columns
+    for sketch in ("columns", "gaussian"):
+        (g,), info = implicit_hypergradient([decay], train, val, model, Nystrom(40, 0.01, sketch=sketch), generator=gen())
+        assert torch.isfinite(g).all() and not info.skipped
+
+
+def test_model_is_left_exactly_as_found():
+    model = _net_with_bn()
+    model.train()
+    X = torch.randn(8, 1, 6, 6, dtype=DT, requires_grad=True)
+    y = torch.randint(0, 2, (8,))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+
+    def train(m):
+        m.train()
+        return nn.functional.cross_entropy(m(X), y)
+
+    def val(m):
+        m.eval()  # the user's function flips modes: we flip them back
+        return nn.functional.cross_entropy(m(X.detach()), y)
+
+    model[1].eval()  # a mixed state to restore
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    modes = [m.training for m in model.modules()]
+    implicit_hypergradient([X], train, val, model, Nystrom(5, 0.1), generator=gen())
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(g is p.grad for g, p in zip(grads, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert [m.training for m in model.modules()] == modes
+    assert X.grad is None
+
+
+def test_model_is_restored_when_an_error_is_raised():
+    model = _net_with_bn()
+    X = torch.randn(8, 1, 6, 6, dtype=DT, requires_grad=True)
+    y = torch.randint(0, 2, (8,))
+    buffers = [b.clone() for b in model.buffers()]
+
+    def bad_val(m):
+        m.eval()
+        return m(X).sum(1)  # not a scalar
+
+    with pytest.raises(ValueError, match="val_loss_fn must return a scalar"):
+        implicit_hypergradient([X], lambda m: nn.functional.cross_entropy(m(X), y), bad_val, model, Identity())
+    assert model.training and all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+
+def test_non_finite_result_is_flagged(ridge):
+    phi = ridge.phi
+    train = lambda m: ridge.train_loss(m) * torch.tensor(float("nan"), dtype=DT) ** (phi.sum() * 0 + 1)
+    (g,), info = implicit_hypergradient([phi], train, ridge.val_loss, ridge.model, Identity())
+    assert info.skipped and not torch.isfinite(g).all()
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def test_hparam_outside_training_loss_is_rejected_with_advice(ridge):
+    lr = torch.tensor(0.1, dtype=DT, requires_grad=True)
+    with pytest.raises(ValueError, match=r"hparams\[1\].*learning rate.*unrolled"):
+        implicit_hypergradient([ridge.phi, lr], ridge.train_loss, ridge.val_loss, ridge.model, Identity())
+
+
+def test_non_scalar_training_loss_is_rejected(ridge):
+    with pytest.raises(ValueError, match="train_loss_fn must return a scalar tensor, got shape"):
+        implicit_hypergradient([ridge.phi], lambda m: ridge.train_loss(m).expand(3), ridge.val_loss, ridge.model)
+
+
+def test_loss_without_graph_is_rejected(ridge):
+    def val(m):
+        with torch.no_grad():
+            return ridge.val_loss(m)
+
+    with pytest.raises(ValueError, match="val_loss_fn returned a tensor that does not require grad"):
+        implicit_hypergradient([ridge.phi], ridge.train_loss, val, ridge.model)
+    with pytest.raises(TypeError, match="val_loss_fn must return a scalar tensor, got float"):
+        implicit_hypergradient([ridge.phi], ridge.train_loss, lambda m: 1.0, ridge.model)
+
+
+def test_hparams_on_another_device_are_rejected(ridge):
+    phi = torch.zeros(12, dtype=DT, device="meta", requires_grad=True)
+    with pytest.raises(ValueError, match=r"hparams\[0\] is on meta but the model is on cpu"):
+        implicit_hypergradient([phi], ridge.train_loss, ridge.val_loss, ridge.model)
+
+
+@pytest.mark.parametrize(
+    "hparams, error, match",
+    [
+        ([], ValueError, "hparams is empty"),
+        ([3.0], TypeError, r"hparams\[0\] is a float"),
+        ([torch.zeros(3)], ValueError, r"hparams\[0\] does not require grad"),
+        ([torch.zeros(3, requires_grad=True) * 2], ValueError, r"hparams\[0\] is not a leaf"),
+    ],
+)
+def test_bad_hparams_are_rejected(ridge, hparams, error, match):
+    with pytest.raises(error, match=match):
+        implicit_hypergradient(hparams, ridge.train_loss, ridge.val_loss, ridge.model)
+
+
+def test_model_parameter_as_hparam_is_rejected(ridge):
+    with pytest.raises(ValueError, match="also a parameter of the model"):
+        implicit_hypergradient([ridge.model.weight], ridge.train_loss, ridge.val_loss, ridge.model)
+
+
+def test_model_without_trainable_parameters_is_rejected(ridge):
+    ridge.model.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters with requires_grad"):
+        implicit_hypergradient([ridge.phi], ridge.train_loss, ridge.val_loss, ridge.model)

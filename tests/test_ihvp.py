@@ -1,0 +1,285 @@
+"""Every solver against dense linear algebra, through a matvec over a materialised matrix."""
+
+import pytest
+import torch
+
+from hyperopt_torch import ConjugateGradient, Exact, Identity, Neumann, Nystrom, make_solver
+from hyperopt_torch.ihvp import cg_solve, exact_solve, identity_solve, neumann_solve, nystrom_solve
+
+DT = torch.float64
+
+
+class Counted:
+    """matvec over a dense symmetric matrix that counts Hessian-vector products."""
+
+    def __init__(self, A):
+        self.A, self.calls = A, 0
+
+    def __call__(self, V):
+        self.calls += V.shape[0] if V.dim() == 2 else 1
+        return V @ self.A
+
+
+def spd(p, cond=10.0, seed=0, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=DT))
+    lam = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), p, dtype=DT)
+    return ((Q * lam) @ Q.T).to(dtype)
+
+
+def low_rank_plus_noise(p, r, noise, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=DT))
+    lam = torch.cat([torch.linspace(10, 1, r, dtype=DT), noise * torch.rand(p - r, generator=g, dtype=DT)])
+    return (Q * lam) @ Q.T
+
+
+def rel(x, y):
+    return ((x - y).norm() / y.norm()).item()
+
+
+def damped_solve(A, b, rho):
+    return torch.linalg.solve(A + rho * torch.eye(A.shape[0], dtype=A.dtype), b)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# --- Nyström -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sketch", ["columns", "gaussian"])
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+@pytest.mark.parametrize("rho", [1e-2, 1e-9])
+def test_nystrom_at_full_rank_is_the_exact_damped_solve(sketch, chunk, rho):
+    p = 24
+    A, b = spd(p, cond=100.0), torch.randn(p, generator=gen(1), dtype=DT)
+    x = nystrom_solve(Counted(A), b, p, rho, chunk, sketch, gen())
+    assert rel(x, damped_solve(A, b, rho)) < 1e-6
+
+
+def test_literal_eq6_loses_digits_where_nystrom_solve_does_not():
+    """The motivation for the eigen route: Eq. 6 as written, at k = p and ρ = 1e-9."""
+    p, rho = 24, 1e-9
+    A, b = spd(p, cond=100.0), torch.randn(p, generator=gen(1), dtype=DT)
+    C, W = A, A  # all columns: H[:, K] = H, H[K, K] = H
+    eq6 = b / rho - C @ torch.linalg.solve(W + C.T @ C / rho, C.T @ b) / rho**2
+    truth = damped_solve(A, b, rho)
+    assert rel(eq6, truth) > 1e-6
+    assert rel(nystrom_solve(Counted(A), b, p, rho, generator=gen()), truth) < 1e-10
+
+
+@pytest.mark.parametrize("sketch", ["columns", "gaussian"])
+def test_nystrom_chunk_sizes_agree_to_float_precision(sketch):
+    p, k = 50, 12
+    A, b = low_rank_plus_noise(p, 8, 1e-2), torch.randn(p, generator=gen(2), dtype=DT)
+    xs = [nystrom_solve(Counted(A), b, k, 0.05, chunk, sketch, gen(3)) for chunk in (None, 1, 5, 12)]
+    for x in xs[1:]:
+        assert rel(x, xs[0]) < 1e-10
+
+
+def test_nystrom_hvp_counts_follow_the_chunk_schedule():
+    p, k = 40, 10
+    A, b = spd(p), torch.randn(p, dtype=DT)
+    # κ = k: one batched pass.  κ < k: block 0, the upper triangle of block pairs
+    # (the first of each row is kept as the next row's own block), then every block
+    # but the last again for the final combination: κ·m(m+1)/2 for equal blocks.
+    # κ = 3, k = 10 has blocks 3,3,3,1: 3 + (7 + 4 + 1) + (3 + 3 + 3) = 24.
+    for chunk, expected in [(None, 10), (10, 10), (1, 55), (5, 15), (3, 24)]:
+        mv = Counted(A)
+        nystrom_solve(mv, b, k, 0.1, chunk, "columns", gen())
+        assert mv.calls == expected, chunk
+
+
+def test_nystrom_matches_its_dense_low_rank_definition():
+    """(H_k + ρI)⁻¹b with H_k = H[:,K] H[K,K]⁺ H[:,K]ᵀ materialised (Eq. 4), at k < p."""
+    p, k, rho = 30, 7, 0.1
+    A, b = spd(p, cond=50.0), torch.randn(p, dtype=DT)
+    index = torch.randperm(p, generator=gen(5))[:k]
+    C = A[:, index]
+    Hk = C @ torch.linalg.pinv(A[index][:, index]) @ C.T
+    x = nystrom_solve(Counted(A), b, k, rho, generator=gen(5))
+    assert rel(x, damped_solve(Hk, b, rho)) < 1e-10
+
+
+def test_nystrom_error_shrinks_with_rank():
+    p, rho = 60, 0.1
+    errors = {}
+    for k in (5, 10, 20, 40):
+        runs = []
+        for seed in range(5):
+            A = low_rank_plus_noise(p, 20, 1e-3, seed)
+            b = torch.randn(p, generator=gen(100 + seed), dtype=DT)
+            runs.append(rel(nystrom_solve(Counted(A), b, k, rho, generator=gen(seed)), damped_solve(A, b, rho)))
+        errors[k] = sum(runs) / len(runs)
+    assert errors[5] > errors[10] > errors[20] > errors[40]
+    assert errors[40] < 0.05
+
+
+def test_nystrom_obeys_theorem_1_bound():
+    """‖h* − h‖ ≤ ‖g‖‖F‖ (1/ρ)·‖E‖/(ρ + ‖E‖), E = H − H_k, for a PSD H (Eq. 10)."""
+    p, h, k, rho = 40, 6, 8, 0.1
+    A = low_rank_plus_noise(p, 20, 0.0)
+    g = torch.randn(p, generator=gen(7), dtype=DT)
+    F = torch.randn(p, h, generator=gen(8), dtype=DT)
+    index = torch.randperm(p, generator=gen(9))[:k]
+    C = A[:, index]
+    E = torch.linalg.matrix_norm(A - C @ torch.linalg.pinv(A[index][:, index]) @ C.T, ord=2).item()
+    h_true = F.T @ damped_solve(A, g, rho)
+    h_nys = F.T @ nystrom_solve(Counted(A), g, k, rho, generator=gen(9))
+    bound = g.norm() * torch.linalg.matrix_norm(F, ord=2) / rho * E / (rho + E)
+    assert E > 0  # the check is not vacuous
+    assert (h_true - h_nys).norm() <= bound
+
+
+def test_nystrom_zero_hessian_columns_stay_finite():
+    """A dead ReLU unit gives an all-zero Hessian row/column; W = H[K,K] is then singular."""
+    p = 20
+    A = spd(p)
+    dead = torch.tensor([0, 3, 4, 11])
+    A[dead] = 0
+    A[:, dead] = 0
+    b = torch.randn(p, dtype=DT)
+    index = torch.randperm(p, generator=gen(0))[:8]
+    assert torch.isin(index, dead).any()  # the sketch did pick a dead column
+    x = nystrom_solve(Counted(A), b, 8, 0.01, generator=gen(0))
+    assert torch.isfinite(x).all()
+    # and at full rank it is the exact damped solve of the singular matrix
+    assert rel(nystrom_solve(Counted(A), b, p, 0.01, generator=gen(0)), damped_solve(A, b, 0.01)) < 1e-10
+
+
+def test_nystrom_zero_matrix_gives_b_over_rho():
+    b = torch.randn(10, dtype=DT)
+    x = nystrom_solve(Counted(torch.zeros(10, 10, dtype=DT)), b, 4, 0.5, generator=gen())
+    torch.testing.assert_close(x, b / 0.5)
+
+
+def test_nystrom_rank_above_p_is_capped():
+    A, b = spd(6), torch.randn(6, dtype=DT)
+    mv = Counted(A)
+    x = nystrom_solve(mv, b, 50, 1e-9, generator=gen())
+    assert mv.calls == 6 and rel(x, damped_solve(A, b, 1e-9)) < 1e-8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nystrom_keeps_dtype(dtype):
+    A, b = spd(16, dtype=dtype), torch.randn(16, dtype=dtype)
+    x = nystrom_solve(Counted(A), b, 16, 0.01, generator=gen())
+    assert x.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert rel(x.double(), damped_solve(A.double(), b.double(), 0.01)) < tol
+
+
+def test_nystrom_same_generator_state_same_answer():
+    A, b = low_rank_plus_noise(30, 10, 1e-2), torch.randn(30, dtype=DT)
+    x1 = Nystrom(5, 0.1).solve(Counted(A), b, gen(4))
+    x2 = Nystrom(5, 0.1).solve(Counted(A), b, gen(4))
+    x3 = Nystrom(5, 0.1).solve(Counted(A), b, gen(5))
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+
+
+# --- CG, Neumann, identity, exact ---------------------------------------------------------------
+
+def test_cg_is_exact_after_p_steps_on_spd():
+    p = 20
+    A, b = spd(p, cond=20.0), torch.randn(p, dtype=DT)
+    mv = Counted(A)
+    x = cg_solve(mv, b, p)
+    assert mv.calls == p
+    assert rel(x, torch.linalg.solve(A, b)) < 1e-8
+
+
+def test_cg_with_damping_solves_the_damped_system():
+    A, b = spd(15), torch.randn(15, dtype=DT)
+    assert rel(ConjugateGradient(15, rho=0.3).solve(Counted(A), b), damped_solve(A, b, 0.3)) < 1e-8
+
+
+def test_cg_truncated_is_inexact_and_tol_stops_early():
+    A, b = spd(30, cond=1e3), torch.randn(30, dtype=DT)
+    assert rel(cg_solve(Counted(A), b, 3), torch.linalg.solve(A, b)) > 1e-2
+    mv = Counted(spd(30, cond=2.0))
+    x = cg_solve(mv, b, 30, tol=1e-6)
+    assert mv.calls < 30 and ((mv.A @ x - b).norm() / b.norm()) <= 1e-6
+
+
+def test_cg_zero_rhs_gives_zero_not_nan():
+    x = cg_solve(Counted(spd(5)), torch.zeros(5, dtype=DT), 5)
+    assert torch.equal(x, torch.zeros(5, dtype=DT))
+
+
+def test_neumann_is_the_truncated_series():
+    A, b = spd(12, cond=5.0), torch.randn(12, dtype=DT)
+    alpha, iters = 0.1, 7
+    M = torch.eye(12, dtype=DT) - alpha * A
+    series = alpha * sum(torch.linalg.matrix_power(M, j) @ b for j in range(iters + 1))
+    mv = Counted(A)
+    assert rel(neumann_solve(mv, b, iters, alpha), series) < 1e-12
+    assert mv.calls == iters
+
+
+def test_neumann_converges_to_inverse_when_contractive():
+    A, b = spd(12, cond=5.0), torch.randn(12, dtype=DT)  # ‖A‖ = 5, α = 0.15 < 2/5
+    assert rel(Neumann(400, 0.15).solve(Counted(A), b), torch.linalg.solve(A, b)) < 1e-10
+
+
+def test_neumann_diverges_on_indefinite():
+    A = spd(10)
+    A[0, 0] = -5.0
+    x = Neumann(200, 0.1).solve(Counted(A), torch.ones(10, dtype=DT))
+    assert not torch.isfinite(x).all() or x.norm() > 1e10
+
+
+def test_identity_returns_b_without_hvps():
+    b = torch.randn(5, dtype=DT)
+    mv = Counted(spd(5))
+    x = identity_solve(mv, b)
+    assert torch.equal(x, b) and x is not b and mv.calls == 0
+    assert torch.equal(Identity().solve(mv, b), b)
+
+
+def test_exact_solves_and_refuses_large_problems():
+    A, b = spd(40, cond=1e4), torch.randn(40, dtype=DT)
+    mv = Counted(A)
+    assert rel(exact_solve(mv, b, batch=16), torch.linalg.solve(A, b)) < 1e-10
+    assert mv.calls == 40
+    assert rel(Exact(rho=0.5).solve(Counted(A), b), damped_solve(A, b, 0.5)) < 1e-12
+    with pytest.raises(ValueError, match="max_params"):
+        Exact(max_params=10).solve(Counted(A), b)
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: Nystrom(rank=0), "rank"),
+        (lambda: Nystrom(rank=2.5), "rank"),
+        (lambda: Nystrom(rank=True), "rank"),
+        (lambda: Nystrom(rho=0.0), "rho"),
+        (lambda: Nystrom(rho=-1), "rho"),
+        (lambda: Nystrom(rho=float("nan")), "rho"),
+        (lambda: Nystrom(rank=5, chunk=6), "chunk"),
+        (lambda: Nystrom(rank=5, chunk=0), "chunk"),
+        (lambda: Nystrom(sketch="svd"), "sketch"),
+        (lambda: ConjugateGradient(iters=0), "iters"),
+        (lambda: ConjugateGradient(rho=-0.1), "rho"),
+        (lambda: ConjugateGradient(tol=0), "tol"),
+        (lambda: Neumann(alpha=0), "alpha"),
+        (lambda: Neumann(iters=-1), "iters"),
+        (lambda: Exact(rho=-1), "rho"),
+        (lambda: make_solver("lbfgs"), "ihvp"),
+        (lambda: make_solver("cg", rank=3), "rank does not apply"),
+        (lambda: make_solver("identity", rho=0.1), "rho does not apply"),
+    ],
+)
+def test_invalid_solver_settings_raise_value_error_naming_the_argument(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_make_solver_builds_each_solver_with_its_settings():
+    assert make_solver("nystrom", rank=4, rho=0.1, chunk=2, sketch="gaussian", iters=None).chunk == 2
+    assert make_solver("cg", iters=3, rho=0.2).damping == 0.2
+    assert make_solver("neumann", iters=3, alpha=0.5).alpha == 0.5
+    assert isinstance(make_solver("identity"), Identity)
+    assert make_solver("exact", rho=0.1).damping == 0.1

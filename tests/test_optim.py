@@ -1,0 +1,233 @@
+"""HyperOptimizer as a torch.optim optimizer: updates, shared state, resumption, failure handling."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from hyperopt_torch import ConjugateGradient, Exact, HyperOptimizer, Neumann, Nystrom
+
+DT = torch.float64
+
+
+def rel(x, y):
+    return ((x - y).norm() / y.norm()).item()
+
+
+def test_step_applies_base_update_to_the_hypergradient(ridge):
+    start = ridge.phi.detach().clone()
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Exact(), lr=0.5)
+    info = hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)
+    assert hopt.last is info and not info.skipped
+    assert rel(ridge.phi.grad, ridge.exact) < 1e-10
+    assert rel(ridge.phi.detach(), start - 0.5 * ridge.exact) < 1e-12
+
+
+def test_step_replaces_grad_rather_than_accumulating(ridge):
+    ridge.phi.grad = torch.full_like(ridge.phi, 100.0)
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Exact(), lr=0.0)
+    hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)
+    assert rel(ridge.phi.grad, ridge.exact) < 1e-10
+
+
+def test_accumulate_then_step_without_arguments(ridge):
+    """Meta-batches: hypergradients add up in .grad like loss.backward(); step() consumes them."""
+    start = ridge.phi.detach().clone()
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Exact(), lr=1.0)
+    hopt.zero_grad()
+    assert ridge.phi.grad is None
+    for _ in range(3):
+        hopt.accumulate(ridge.train_loss, ridge.val_loss, ridge.model)
+    assert rel(ridge.phi.grad, 3 * ridge.exact) < 1e-10
+    assert hopt.step() is None
+    assert rel(ridge.phi.detach(), start - 3 * ridge.exact) < 1e-12
+
+
+def test_hypergradient_method_touches_nothing(ridge):
+    start = ridge.phi.detach().clone()
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.Adam, ihvp=ConjugateGradient(12), lr=1.0)
+    grads, info = hopt.hypergradient(ridge.train_loss, ridge.val_loss, ridge.model)
+    assert rel(grads[0], ridge.exact) < 1e-8
+    assert ridge.phi.grad is None and torch.equal(ridge.phi.detach(), start) and not hopt.state
+
+
+def test_param_groups_are_shared_with_the_base_and_scheduler_drives_them(ridge):
+    other = torch.zeros(3, dtype=DT, requires_grad=True)
+    hopt = HyperOptimizer(
+        [{"params": [ridge.phi]}, {"params": [other], "lr": 0.01}], base=torch.optim.SGD, ihvp="identity", lr=1.0
+    )
+    assert hopt.param_groups is hopt.base.param_groups and hopt.state is hopt.base.state
+    assert isinstance(hopt, torch.optim.Optimizer)
+    assert hopt.hparams == [ridge.phi, other]
+    sched = torch.optim.lr_scheduler.StepLR(hopt, step_size=1, gamma=0.5)
+    hopt.step()
+    sched.step()
+    assert [g["lr"] for g in hopt.base.param_groups] == [0.5, 0.005]
+    extra = torch.zeros(2, dtype=DT, requires_grad=True)
+    hopt.add_param_group({"params": [extra], "lr": 0.1})
+    assert hopt.base.param_groups[-1]["params"] == [extra]
+    with pytest.raises(ValueError, match="does not require grad"):
+        hopt.add_param_group({"params": [torch.zeros(2)]})
+
+
+def test_zero_grad_clears_hparam_grads(ridge):
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="identity", lr=0.1)
+    hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)
+    assert ridge.phi.grad is not None
+    hopt.zero_grad()
+    assert ridge.phi.grad is None
+
+
+def _run(hopt, problem, steps):
+    infos = [hopt.step(problem.train_loss, problem.val_loss, problem.model) for _ in range(steps)]
+    return [i.val_loss for i in infos]
+
+
+def test_state_dict_round_trip_continues_identically(ridge):
+    """Adam moments and the Nyström sketch generator both resume, so the run continues bit-for-bit."""
+    kw = dict(base=torch.optim.Adam, ihvp=Nystrom(rank=4, rho=0.1), lr=0.05, seed=3)
+    hopt = HyperOptimizer([ridge.phi], **kw)
+    _run(hopt, ridge, 2)
+    saved_state, saved_phi = copy.deepcopy(hopt.state_dict()), ridge.phi.detach().clone()
+    _run(hopt, ridge, 3)
+    expected = ridge.phi.detach().clone()
+
+    with torch.no_grad():
+        ridge.phi.copy_(saved_phi)
+    resumed = HyperOptimizer([ridge.phi], **{**kw, "seed": 99})
+    resumed.load_state_dict(saved_state)
+    _run(resumed, ridge, 3)
+    assert torch.equal(ridge.phi.detach(), expected)
+    assert resumed.param_groups is resumed.base.param_groups
+    assert "hyperopt" in saved_state and "state" in saved_state and "param_groups" in saved_state
+
+
+def test_different_seeds_draw_different_sketches(ridge):
+    phis = []
+    for seed in (0, 1):
+        phi = ridge.phi.detach().clone().requires_grad_()
+        train = lambda m, phi=phi: ridge.train_loss(m) - 0.5 * (ridge.phi.exp() * m.weight[0] ** 2).sum() + 0.5 * (phi.exp() * m.weight[0] ** 2).sum()
+        HyperOptimizer([phi], base=torch.optim.SGD, ihvp=Nystrom(3, 0.1), lr=1.0, seed=seed).step(train, ridge.val_loss, ridge.model)
+        phis.append(phi.detach())
+    assert not torch.equal(*phis)
+
+
+def _nan_train(problem):
+    def train(m):
+        return problem.train_loss(m) + torch.log(-problem.phi.sum().abs() - 1)  # log of a negative: NaN
+    return train
+
+
+def test_non_finite_step_changes_nothing_and_warns(ridge):
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.Adam, ihvp=Nystrom(4, 0.1), lr=0.1)
+    hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)  # populate Adam state and .grad
+    before_phi, before_grad = ridge.phi.detach().clone(), ridge.phi.grad.clone()
+    before_state = copy.deepcopy(hopt.state_dict())
+    params = [p.detach().clone() for p in ridge.model.parameters()]
+    with pytest.warns(RuntimeWarning, match="non-finite.*skipped"):
+        info = hopt.step(_nan_train(ridge), ridge.val_loss, ridge.model)
+    assert info.skipped and hopt.last.skipped
+    assert torch.equal(ridge.phi.detach(), before_phi) and torch.equal(ridge.phi.grad, before_grad)
+    after_state = hopt.state_dict()
+    assert torch.equal(after_state["hyperopt"]["generator"], before_state["hyperopt"]["generator"])
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(after_state["state"][0][key], before_state["state"][0][key])
+    assert all(torch.equal(a, b) for a, b in zip(params, ridge.model.parameters()))
+
+
+def test_non_finite_step_can_raise(ridge):
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="identity", lr=0.1, on_nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        hopt.step(_nan_train(ridge), ridge.val_loss, ridge.model)
+    assert ridge.phi.grad is None
+
+
+def test_non_finite_accumulate_adds_nothing(ridge):
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="identity", lr=0.1)
+    hopt.accumulate(ridge.train_loss, ridge.val_loss, ridge.model)
+    before = ridge.phi.grad.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hopt.accumulate(_nan_train(ridge), ridge.val_loss, ridge.model)
+    assert torch.equal(ridge.phi.grad, before)
+
+
+def test_failed_step_raises_cleanly_and_changes_nothing(ridge):
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Nystrom(3, 0.1), lr=0.1)
+    gen_state = hopt.generator.get_state()
+    with pytest.raises(ValueError, match="scalar"):
+        hopt.step(lambda m: ridge.train_loss(m).repeat(2), ridge.val_loss, ridge.model)
+    assert ridge.phi.grad is None and torch.equal(hopt.generator.get_state(), gen_state)
+
+
+def test_residual_diagnostic_on_request(ridge):
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="nystrom", rank=12, rho=1e-8, lr=0.1, residual=True)
+    info = hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)
+    assert info.residual < 1e-8 and info.hvps == 13
+    info = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="cg", iters=2, lr=0.1).step(
+        ridge.train_loss, ridge.val_loss, ridge.model)
+    assert info.residual is None and info.hvps == 2
+
+
+def test_step_needs_all_or_none_of_its_arguments(ridge):
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="identity", lr=0.1)
+    with pytest.raises(TypeError, match="either no arguments or all"):
+        hopt.step(ridge.train_loss, ridge.val_loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_works_for_float32_and_float64_networks(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.LeakyReLU(0.01), nn.Linear(8, 3)).to(dtype)
+    X, y = torch.randn(40, 5, dtype=dtype), torch.randint(0, 3, (40,))
+    log_decay = torch.zeros(8, 5, dtype=dtype, requires_grad=True)
+    train = lambda m: nn.functional.cross_entropy(m(X), y) + (log_decay.exp() * m[0].weight**2).sum() * 1e-2
+    val = lambda m: nn.functional.cross_entropy(m(X[:10]), y[:10])
+    for ihvp in ("nystrom", "cg", "neumann", "identity", "exact"):
+        hopt = HyperOptimizer([log_decay], base=torch.optim.Adam, ihvp=ihvp, lr=1e-2)
+        info = hopt.step(train, val, model)
+        assert not info.skipped and log_decay.grad.dtype == dtype
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_the_model_device():
+    model = nn.Linear(4, 1).cuda()
+    X = torch.randn(16, 4, device="cuda")
+    decay = torch.zeros(4, device="cuda", requires_grad=True)
+    hopt = HyperOptimizer([decay], base=torch.optim.SGD, ihvp="nystrom", rank=3, lr=0.1)
+    info = hopt.step(lambda m: (m(X) ** 2).mean() + (decay.exp() * m.weight**2).sum(), lambda m: m(X).mean(), model)
+    assert decay.grad.device.type == "cuda" and not info.skipped
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(hparams=[]), ValueError, "hparams is empty"),
+        (dict(hparams=torch.zeros(2, requires_grad=True)), TypeError, "single tensor"),
+        (dict(hparams=["a"]), TypeError, r"hparams\[0\] is a str"),
+        (dict(hparams=[torch.zeros(2)]), ValueError, r"hparams\[0\] does not require grad"),
+        (dict(rank=0), ValueError, "Invalid rank"),
+        (dict(rho=0.0), ValueError, "Invalid rho"),
+        (dict(rank=4, chunk=5), ValueError, "Invalid chunk"),
+        (dict(ihvp="newton"), ValueError, "Invalid ihvp"),
+        (dict(ihvp=3), ValueError, "Invalid ihvp"),
+        (dict(ihvp="cg", rank=3), ValueError, "rank does not apply"),
+        (dict(ihvp=Nystrom(), rank=3), ValueError, "set them on the object"),
+        (dict(base=torch.nn.Linear), TypeError, "base must be a torch.optim.Optimizer subclass"),
+        (dict(on_nonfinite="ignore"), ValueError, "on_nonfinite"),
+        (dict(lr=-1.0), ValueError, "Invalid learning rate"),
+    ],
+)
+def test_bad_construction_raises_naming_the_argument(kwargs, error, match):
+    kwargs = {"hparams": [torch.zeros(2, requires_grad=True)], **kwargs}
+    with pytest.raises(error, match=match):
+        HyperOptimizer(**kwargs)
+
+
+def test_neumann_object_and_base_kwargs_pass_through():
+    h = torch.zeros(2, requires_grad=True)
+    hopt = HyperOptimizer([h], base=torch.optim.RMSprop, ihvp=Neumann(iters=3, alpha=0.1), lr=0.01, alpha=0.9)
+    assert hopt.base.defaults["alpha"] == 0.9 and hopt.solver.alpha == 0.1
+    assert "RMSprop" in repr(hopt)
