@@ -1,0 +1,283 @@
+"""Unrolled reverse-mode hypergradients through ``T`` inner optimisation steps.
+
+Iterative differentiation (ITD; Maclaurin et al. 2015, Franceschi et al.
+2017) writes the inner training as a differentiable map
+
+    θ_{t+1} = Φ(θ_t, φ),   t = 0 … T−1,    Φ = one step of the inner optimizer,
+
+and back-propagates the validation loss ``g(θ_T, φ)`` through all ``T`` steps.
+Unlike implicit differentiation (Eq. 3) it does not assume that θ_T
+minimises the training loss, and it differentiates hyperparameters that act
+only through the update rule — the learning rate, the momentum — which the
+implicit function theorem cannot see.  Its price is memory: every step keeps
+its graph, so memory grows linearly in ``T`` (shown in
+``benchmarks/speed_memory``), and each step back-propagates through a
+gradient, i.e. costs one Hessian-vector product in the backward pass.
+
+Truncated back-propagation (Shaban et al. 2019) keeps the graph of only the
+last ``K`` steps: the first ``T − K`` steps run without a graph and θ_{T−K}
+is treated as a constant.  Memory is then ``O(K)`` instead of ``O(T)``; the
+result is biased, and the bias shrinks as ``K`` grows (``K = T`` is the full
+unrolled hypergradient, exactly).
+
+Why ``torch.func`` and not ``higher``: the inner parameters are plain tensors
+θ_t swapped into the user's unchanged module with
+:func:`torch.func.functional_call`, so any ``nn.Module`` works, the model is
+never monkey-patched, nothing beyond PyTorch is needed, and the inner
+optimizer is a few lines of tensor algebra (:func:`sgd_step`) whose
+hyperparameters are ordinary tensors that may themselves be tuned.
+
+References:
+    Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter Optimization
+    through Reversible Learning", ICML 2015.
+    Franceschi et al., "Forward and Reverse Gradient-Based Hyperparameter
+    Optimization", ICML 2017.
+    Shaban et al., "Truncated Back-propagation for Bilevel Optimization",
+    AISTATS 2019.
+    Grazzi et al., "On the Iteration Complexity of Hypergradient Computation",
+    ICML 2020.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .hypergrad import LossFn, _scalar, check_hparams
+from .ihvp._validate import positive_int
+
+Scalar = float | Tensor
+
+
+def sgd_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor] | None,
+    lr: Scalar,
+    momentum: Scalar = 0.0,
+    weight_decay: Scalar = 0.0,
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    """One differentiable step of ``torch.optim.SGD`` (dampening 0, not Nesterov).
+
+        d_t = ∇f(θ_t) + λ θ_t,   b_t = μ b_{t−1} + d_t (b_0 = d_0),   θ_{t+1} = θ_t − η b_t
+
+    Args:
+        params, grads: θ_t and ∇f(θ_t), one tensor per parameter.
+        momentum_buffers: ``b_{t−1}``, or ``None`` on the first step or
+            without momentum.
+        lr, momentum, weight_decay: η, μ, λ as floats or tensors that
+            broadcast against every parameter (0-dim in practice); tensors
+            that require grad are differentiated through.
+
+    Returns ``(θ_{t+1}, b_t)``; ``b_t`` is ``None`` when ``momentum`` is the
+    float ``0``.  Nothing is modified in place.
+    """
+    d = [g + weight_decay * p for p, g in zip(params, grads)] if _nonzero(weight_decay) else list(grads)
+    if _nonzero(momentum):
+        bufs = d if momentum_buffers is None else [momentum * b + di for b, di in zip(momentum_buffers, d)]
+    else:
+        bufs = None
+    direction = d if bufs is None else bufs
+    return [p - lr * di for p, di in zip(params, direction)], bufs
+
+
+def _nonzero(value: Scalar) -> bool:
+    return isinstance(value, Tensor) or value != 0
+
+
+def _hyper(name: str, value: Scalar) -> Scalar:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number >= 0 or a tensor)")
+    return float(value)
+
+
+class InnerSGD:
+    """The inner optimizer of :func:`unrolled_hypergradient`: differentiable SGD.
+
+    Same update as ``torch.optim.SGD(lr, momentum, weight_decay)`` with
+    dampening 0 (see :func:`sgd_step`), but ``lr``, ``momentum`` and
+    ``weight_decay`` may be tensors — pass a hyperparameter tensor here and
+    include it in ``hparams`` to get its hypergradient.  The momentum buffer
+    starts at zero at every call of :func:`unrolled_hypergradient`.
+
+    Raises:
+        ValueError: a float setting that is negative or not finite.
+    """
+
+    def __init__(self, lr: Scalar, momentum: Scalar = 0.0, weight_decay: Scalar = 0.0):
+        self.lr = _hyper("lr", lr)
+        self.momentum = _hyper("momentum", momentum)
+        self.weight_decay = _hyper("weight_decay", weight_decay)
+
+    def step(self, params, grads, state):
+        return sgd_step(params, grads, state, self.lr, self.momentum, self.weight_decay)
+
+    def __repr__(self) -> str:
+        return f"InnerSGD(lr={self.lr}, momentum={self.momentum}, weight_decay={self.weight_decay})"
+
+
+@dataclass
+class UnrolledInfo:
+    """Diagnostics of one :func:`unrolled_hypergradient` call.
+
+    Attributes:
+        steps: ``T``, inner steps taken.
+        truncate: ``K``, steps back-propagated through (``K = T``: full).
+        seconds: wall time of the whole computation.
+        skipped: a hypergradient or a loss was not finite.
+        train_loss: the training loss at θ_{T−1} (the last step's).
+        val_loss: the validation loss at θ_T.
+    """
+
+    steps: int
+    truncate: int
+    seconds: float
+    skipped: bool
+    train_loss: float
+    val_loss: float
+
+
+class UnrolledHypergradient(NamedTuple):
+    """Result of :func:`unrolled_hypergradient`: ``grads`` shaped like the hparams, and ``info``."""
+
+    grads: tuple[Tensor, ...]
+    info: UnrolledInfo
+
+
+class _LossCall(nn.Module):
+    """Evaluates ``fn(model)`` under :func:`functional_call` so that ``model`` sees θ_t."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: LossFn) -> Tensor:
+        return fn(self.model)
+
+
+def unrolled_hypergradient(
+    hparams: Sequence[Tensor],
+    train_loss_fn: LossFn,
+    val_loss_fn: LossFn,
+    model: nn.Module,
+    optimizer: InnerSGD,
+    steps: int,
+    truncate: int | None = None,
+    *,
+    write_back: bool = False,
+) -> UnrolledHypergradient:
+    """``dg(θ_T)/dφ`` by reverse-mode differentiation through ``steps`` inner updates.
+
+    Starting from the model's current parameters θ_0, takes ``T = steps``
+    differentiable steps ``θ_{t+1} = optimizer.step(θ_t, ∇_θ f(θ_t))`` and
+    back-propagates ``g = val_loss_fn`` at θ_T to the hparams.
+
+    Args:
+        hparams: leaf tensors φ with ``requires_grad=True``.  They may enter
+            ``train_loss_fn`` (by closure, e.g. a penalty), the optimizer
+            (``InnerSGD(lr=φ_lr)``) and ``val_loss_fn``; every path counts.
+        train_loss_fn: ``model ↦ f``, called once per step, in order (a
+            closure over a data iterator gives a new batch each step).
+        val_loss_fn: ``model ↦ g``, called once, at θ_T.
+        model: θ are its parameters with ``requires_grad``; inside the loss
+            functions they hold θ_t (through ``functional_call``), so the loss
+            functions use ``model`` exactly as in the implicit API.
+        optimizer: the differentiable inner optimizer, e.g. :class:`InnerSGD`.
+        steps: ``T ≥ 1``.
+        truncate: ``K`` in ``1..T``, the number of final steps back-propagated
+            through (Shaban et al.); ``None`` means ``K = T``.
+        write_back: copy θ_T into the model's parameters at the end (and keep
+            the buffers, e.g. BatchNorm statistics, as the ``T`` steps left
+            them), so that consecutive calls continue training.
+
+    Returns:
+        ``UnrolledHypergradient(grads, info)``: ``grads[i]`` has the shape,
+        dtype and device of ``hparams[i]`` (zeros where ``g`` does not depend
+        on it).  Non-finite values are returned as they are, with
+        ``info.skipped = True``.
+
+    Raises:
+        TypeError / ValueError: bad hparams, ``steps``/``truncate`` out of
+            range, a loss that is not a scalar tensor, a model without
+            trainable parameters.
+
+    Memory holds the graphs of ``K`` steps (``K`` forward-and-backward graphs
+    of ``f`` with ``create_graph=True``).  Unless ``write_back`` is set, the
+    model is left exactly as found: parameters and their ``.grad``, buffers
+    and train/eval modes.
+    """
+    hparams = check_hparams(hparams)
+    steps = positive_int("steps", steps)
+    keep = steps if truncate is None else positive_int("truncate", truncate)
+    if keep > steps:
+        raise ValueError(f"Invalid truncate: {truncate} (expected 1 <= truncate <= steps = {steps}, or None)")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no parameters with requires_grad=True: there is nothing to unroll")
+    names = [f"model.{n}" for n, _ in named]
+    params = [p for _, p in named]
+    call = _LossCall(model)
+
+    def loss_at(fn: LossFn, theta: list[Tensor], what: str) -> Tensor:
+        return _scalar(functional_call(call, dict(zip(names, theta)), (fn,)), what)
+
+    start = time.perf_counter()
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    grads_before = [(p, p.grad) for p in params]
+    done = False
+    try:
+        theta = [p.detach() for p in params]
+        state = None
+        for t in range(steps):
+            tracked = t >= steps - keep
+            if t == steps - keep or not tracked:
+                # θ_{T−K} is a constant of the truncated problem: cut the graph here.
+                theta = [x.detach().requires_grad_() for x in theta]
+                state = None if state is None else [s.detach() for s in state]
+            with torch.enable_grad():
+                train = loss_at(train_loss_fn, theta, "train_loss_fn")
+                g = torch.autograd.grad(train, theta, create_graph=tracked, allow_unused=True)
+            g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, theta)]
+            with torch.set_grad_enabled(tracked):
+                theta, state = optimizer.step(theta, g, state)
+        val = loss_at(val_loss_fn, theta, "val_loss_fn")
+        hyper = torch.autograd.grad(val, hparams, allow_unused=True)
+        grads = tuple(torch.zeros_like(h) if d is None else d.detach() for d, h in zip(hyper, hparams))
+        checks = torch.stack(
+            [torch.stack([torch.isfinite(d).all() for d in grads]).all().to(val.dtype), train.detach(), val.detach()]
+        )
+        finite, train_value, val_value = checks.tolist()  # the one host-device sync
+        if write_back:
+            with torch.no_grad():
+                for p, x in zip(params, theta):
+                    p.copy_(x)
+        done = True
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, g0 in grads_before:
+            p.grad = g0
+        if not (done and write_back):
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+
+    info = UnrolledInfo(
+        steps=steps,
+        truncate=keep,
+        seconds=time.perf_counter() - start,
+        skipped=not (finite and math.isfinite(train_value) and math.isfinite(val_value)),
+        train_loss=train_value,
+        val_loss=val_value,
+    )
+    return UnrolledHypergradient(grads, info)
