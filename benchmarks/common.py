@@ -1,0 +1,167 @@
+"""Shared benchmark machinery: CLI flags, interleaved timing, peak memory, JSON and figures.
+
+Timing: every configuration is warmed up, then the repeats are interleaved
+(round ``r`` runs every configuration once, in an order rotated by ``r``), so
+that clock drift, thermal throttling or a noisy neighbour affects all
+configurations alike; the median of the repeats is reported.  CUDA work is
+synchronised before and after each timed call.
+
+JSON goes through the recipes' atomic ``write_json`` and figures through
+their ``save_figure`` (matplotlib optional: "plot skipped" without it).
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` around one call
+(in-process; the caching allocator's statistics are reset per call).  On
+CPU there is no allocator statistic, so each configuration runs in its own
+child process and reports its peak resident set size (``ru_maxrss``) and its
+resident size just before the call, so configurations cannot inflate each
+other's peaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import median
+from typing import Callable
+
+import torch
+
+from recipes.common import resolve_device, save_figure, write_json
+
+__all__ = [
+    "parser", "apply_threads", "machine", "resolve_device", "time_interleaved", "summarise", "cuda_peak_memory",
+    "child_peak_rss", "cpu_peak_memory", "write_results", "save_figure",
+]
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the flags every benchmark takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, default=Path("benchmark-results"), help="directory for the JSON and PNG files")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--full", action="store_true", help="paper-sized run (slow on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 avoids the large slowdowns of "
+                        "oversubscribed cores when other processes share the machine")
+    return p
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def machine(device: torch.device) -> dict:
+    """Where a result came from: host, CPU, threads, torch version and the accelerator."""
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function: ``warmup`` untimed calls each, then ``repeats`` interleaved rounds.
+
+    Returns ``{name: [seconds, ...]}`` with ``repeats`` entries per name.
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarise(seconds: list[float]) -> dict:
+    return {"seconds_median": median(seconds), "seconds_min": min(seconds), "seconds_all": seconds}
+
+
+def cuda_peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
+    """Peak ``max_memory_allocated`` (bytes) during one call, and the allocation just before it."""
+    sync(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return {"peak_bytes": torch.cuda.max_memory_allocated(device), "baseline_bytes": before}
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child_peak_rss(fn: Callable[[], object], warmup: Callable[[], object] | None = None) -> None:
+    """In a child process: run ``fn`` once and print its peak RSS as one JSON line.
+
+    ``warmup`` (e.g. one forward and backward pass) runs first, so that
+    one-time costs every method pays (autograd engine, thread pools, allocator
+    arenas) land in ``baseline_bytes``, the resident size just before the
+    call.  The kernel's high-water mark is then reset (``/proc/self/clear_refs``,
+    Linux ≥ 4.0) so that ``peak_bytes`` (``VmHWM``) is the peak of this call
+    alone, not of the imports; ``peak_reset`` says whether that worked.
+    """
+    if warmup is not None:
+        warmup()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    before = _status_bytes("VmRSS")
+    fn()
+    print(json.dumps({"peak_bytes": _status_bytes("VmHWM"), "baseline_bytes": before, "peak_reset": reset}))
+
+
+def cpu_peak_memory(module: str, argv: list[str]) -> dict:
+    """Run ``python -m module *argv`` (which ends in :func:`child_peak_rss`) and return its report.
+
+    Raises:
+        RuntimeError: the child failed; its stderr is included.
+    """
+    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child {module} {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_results(out: Path, name: str, data: dict) -> Path:
+    """Write ``data`` as ``<out>/<name>.json`` (creating ``out``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    write_json(path, data)
+    print(f"wrote {path}")
+    return path
