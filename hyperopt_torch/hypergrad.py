@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from .hvp import HessianVectorProduct, flatten
+from .hvp import ENGINES, _check_scalar, flatten, training_hvp
 from .ihvp import Solver, make_solver
 
 LossFn = Callable[[nn.Module], Tensor]
@@ -37,6 +37,8 @@ class HypergradInfo:
         skipped: the result was non-finite and was not applied.
         train_loss: the training loss ``f`` at θ.
         val_loss: the validation loss ``g`` at θ.
+        engine: how the Hessian-vector products were computed, ``"func"`` or
+            ``"autograd"`` (see :mod:`hyperopt_torch.hvp`).
     """
 
     solver: str
@@ -46,6 +48,7 @@ class HypergradInfo:
     skipped: bool
     train_loss: float
     val_loss: float
+    engine: str
 
 
 class Hypergradient(NamedTuple):
@@ -56,13 +59,10 @@ class Hypergradient(NamedTuple):
 
 
 def _scalar(loss, name: str) -> Tensor:
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(f"{name} must return a scalar tensor, got shape {tuple(loss.shape)}")
+    loss = _check_scalar(loss, name)
     if not loss.requires_grad:
         raise ValueError(f"{name} returned a tensor that does not require grad: compute it from the model outside torch.no_grad()")
-    return loss.reshape(())
+    return loss
 
 
 class _ModelSnapshot:
@@ -111,6 +111,7 @@ def implicit_hypergradient(
     *,
     generator: torch.Generator | None = None,
     residual: bool = False,
+    engine: str = "func",
 ) -> Hypergradient:
     """The implicit hypergradient ``dg/dφ`` (Eq. 3), without touching any ``.grad``.
 
@@ -127,6 +128,9 @@ def implicit_hypergradient(
             :func:`~hyperopt_torch.make_solver` (with its default settings).
         generator: CPU ``torch.Generator`` for randomised solvers (Nyström).
         residual: also compute ``‖(H + ρI)x − b‖/‖b‖`` (one more HVP).
+        engine: ``"func"`` (torch.func, the default; falls back to autograd
+            when torch.func cannot transform ``train_loss_fn``) or
+            ``"autograd"``; see :mod:`hyperopt_torch.hvp`.
 
     Returns:
         ``Hypergradient(grads, info)``: ``grads[i]`` has the shape, dtype and
@@ -144,6 +148,8 @@ def implicit_hypergradient(
     the end (the finiteness check and the loss values).
     """
     hparams = check_hparams(hparams)
+    if engine not in ENGINES:
+        raise ValueError(f"Invalid engine: {engine!r} (expected one of {ENGINES})")
     solver = make_solver(ihvp) if isinstance(ihvp, str) else ihvp
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -164,16 +170,14 @@ def implicit_hypergradient(
             val = _scalar(val_loss_fn(model), "val_loss_fn")
             direct = torch.autograd.grad(val, params + hparams, allow_unused=True)
             b = flatten(direct[: len(params)], params).detach()
-            train = _scalar(train_loss_fn(model), "train_loss_fn")
-            train_grads = torch.autograd.grad(train, params, create_graph=True, allow_unused=True)
-            hvp = HessianVectorProduct(train_grads, params)
+            hvp, train = training_hvp(train_loss_fn, model, params, engine)
 
             x = solver.solve(hvp, b, generator=generator)
             res = None
             if residual:
                 r = hvp(x) + solver.damping * x - b
                 res = r.norm() / b.norm()
-            mixed = hvp.vjp_mixed(x, hparams)
+            mixed = hvp.mixed(x, hparams)
             for i, m in enumerate(mixed):
                 if m is None:
                     raise ValueError(
@@ -201,6 +205,7 @@ def implicit_hypergradient(
         skipped=not (finite and all(map(_isfinite, (train_value, val_value)))),
         train_loss=train_value,
         val_loss=val_value,
+        engine=hvp.engine,
     )
     return Hypergradient(grads, info)
 

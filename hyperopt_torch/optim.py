@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .hvp import ENGINES
 from .hypergrad import HypergradInfo, Hypergradient, LossFn, check_hparams, implicit_hypergradient
 from .ihvp import Solver, make_solver
 
@@ -59,6 +60,10 @@ class HyperOptimizer(Optimizer):
         on_nonfinite: ``"warn"`` (default) or ``"raise"`` when a
             hypergradient or loss is not finite; either way nothing changes.
         residual: record ``‖(H + ρI)x − b‖/‖b‖`` in :attr:`last` (one HVP more).
+        engine: ``"func"`` (default) or ``"autograd"``: how Hessian-vector
+            products are computed (:mod:`hyperopt_torch.hvp`).  After one
+            fallback from ``"func"`` to ``"autograd"`` the optimizer keeps
+            using autograd.
         **base_kwargs: passed to ``base`` (``lr``, ``momentum``, ...).
 
     Raises:
@@ -96,6 +101,7 @@ class HyperOptimizer(Optimizer):
         seed: int = 0,
         on_nonfinite: str = "warn",
         residual: bool = False,
+        engine: str = "func",
         **base_kwargs: Any,
     ):
         if isinstance(hparams, torch.Tensor):
@@ -120,6 +126,9 @@ class HyperOptimizer(Optimizer):
             raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (expected 'warn' or 'raise')")
         self.on_nonfinite = on_nonfinite
         self.residual = bool(residual)
+        if engine not in ENGINES:
+            raise ValueError(f"Invalid engine: {engine!r} (expected one of {', '.join(map(repr, ENGINES))})")
+        self.engine = engine
         self.generator = torch.Generator().manual_seed(seed)
         self.last: HypergradInfo | None = None
 
@@ -194,12 +203,13 @@ class HyperOptimizer(Optimizer):
         try:
             result = implicit_hypergradient(
                 self.hparams, train_loss_fn, val_loss_fn, model, self.solver,
-                generator=self.generator, residual=self.residual,
+                generator=self.generator, residual=self.residual, engine=self.engine,
             )
         except BaseException:
             self.generator.set_state(saved)
             raise
         self.last = result.info
+        self.engine = result.info.engine  # a loss torch.func cannot transform will not become transformable
         if result.info.skipped:
             self.generator.set_state(saved)
             message = (

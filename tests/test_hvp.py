@@ -26,7 +26,7 @@ def test_batched_hvp_equals_dense_hessian_rows():
     model, X, y = _mlp_problem()
     params = list(model.parameters())
     grads = torch.autograd.grad(nn.functional.cross_entropy(model(X), y), params, create_graph=True)
-    hvp = HessianVectorProduct(grads, params)
+    hvp = HessianVectorProduct.from_autograd(grads, params)
     p = hvp.numel
     H = hvp(torch.eye(p, dtype=DT))  # one batched backward, p HVPs
     assert hvp.calls == p
@@ -49,7 +49,7 @@ def test_unused_parameter_has_zero_hessian_rows():
     a = torch.randn(3, dtype=DT, requires_grad=True)
     unused = torch.randn(2, dtype=DT, requires_grad=True)
     grads = torch.autograd.grad((a**3).sum(), [a, unused], create_graph=True, allow_unused=True)
-    hvp = HessianVectorProduct(grads, [a, unused])
+    hvp = HessianVectorProduct.from_autograd(grads, [a, unused])
     out = hvp(torch.ones(2, 5, dtype=DT))
     torch.testing.assert_close(out[:, :3], (6 * a.detach()).expand(2, 3))
     assert torch.equal(out[:, 3:], torch.zeros(2, 2, dtype=DT))
@@ -58,5 +58,5 @@ def test_unused_parameter_has_zero_hessian_rows():
 def test_linear_loss_gives_zero_hessian():
     a = torch.randn(3, dtype=DT, requires_grad=True)
     grads = torch.autograd.grad((2 * a).sum(), [a], create_graph=True)
-    hvp = HessianVectorProduct(grads, [a])
+    hvp = HessianVectorProduct.from_autograd(grads, [a])
     assert torch.equal(hvp(torch.ones(4, 3, dtype=DT)), torch.zeros(4, 3, dtype=DT))

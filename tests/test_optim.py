@@ -231,3 +231,14 @@ def test_neumann_object_and_base_kwargs_pass_through():
     hopt = HyperOptimizer([h], base=torch.optim.RMSprop, ihvp=Neumann(iters=3, alpha=0.1), lr=0.01, alpha=0.9)
     assert hopt.base.defaults["alpha"] == 0.9 and hopt.solver.alpha == 0.1
     assert "RMSprop" in repr(hopt)
+
+
+def test_optimizer_remembers_an_engine_fallback(ridge):
+    weight = ridge.model.weight
+    train = lambda m: ridge.train_loss(m) + 0.25 * (ridge.phi.exp() * weight[0] ** 2).sum()
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="identity", lr=0.0)
+    assert hopt.engine == "func"
+    hopt.step(train, ridge.val_loss, ridge.model)
+    assert hopt.engine == "autograd" and hopt.last.engine == "autograd"
+    with pytest.raises(ValueError, match="Invalid engine"):
+        HyperOptimizer([ridge.phi], engine="jax")

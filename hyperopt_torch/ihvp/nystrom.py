@@ -233,8 +233,13 @@ def nystrom_solve(
     ragged last block).
     """
     W, G, c, combine = nystrom_sketch(matvec, b, rank, chunk, sketch, generator)
+    # The k x k eigendecompositions are microseconds on the host and several
+    # kernel launches and synchronisations each on a GPU: move them, once.
+    k = c.numel()
+    packed = torch.cat([W.reshape(-1), G.reshape(-1), c]).cpu()  # one transfer, one sync
+    W, G, c = packed[: k * k].view(k, k), packed[k * k : 2 * k * k].view(k, k), packed[2 * k * k :]
     a, beta = nystrom_from_sketch(W, G, c, b.numel(), rho, torch.finfo(b.dtype).eps)
-    x = combine(beta)
+    x = combine(beta.to(b.device, non_blocking=True))
     if a:
         x.add_(b, alpha=a)
     return x
