@@ -1,0 +1,92 @@
+"""The benchmarks at a tiny size: structure of their JSON and figures, never their timings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import accuracy, common, speed_memory
+from recipes.wideresnet import WideResNet, wrn28
+
+
+def test_time_interleaved_runs_warmup_then_rotated_rounds():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = common.time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=3)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_speed_memory_writes_json_table_and_png_with_per_process_cpu_memory(tmp_path):
+    data = speed_memory.main([
+        "--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--batch", "2", "--ls", "2", "3", "--ks", "2",
+        "--warmup", "0", "--repeats", "1", "--methods", "cg,nystrom_space,unrolled_truncated",
+    ])
+    saved = json.loads((tmp_path / "speed_memory_lenet.json").read_text())
+    assert saved["memory"] == "child-process peak RSS"
+    labels = [r["label"] for r in saved["results"]]
+    assert labels == ["CG l=2", "CG l=3", "Nyström k=2 κ=1", "Unrolled T=3 K=2"]
+    for row in saved["results"]:
+        assert {"family", "param", "hvps", "seconds_median", "seconds_all", "peak_bytes", "baseline_bytes",
+                "extra_bytes", "time_ratio", "memory_ratio"} <= set(row)
+        assert row["peak_bytes"] >= row["baseline_bytes"] > 0
+    by_label = {r["label"]: r for r in saved["results"]}
+    assert by_label["Nyström k=2 κ=1"]["hvps"] == 3  # κ·m(m+1)/2 with m = 2
+    assert by_label["Unrolled T=3 K=2"]["hvps"] == 2
+    assert (tmp_path / "speed_memory_lenet.png").stat().st_size > 0
+    assert "| CG l=2 |" in speed_memory.markdown_table(data)
+
+
+def test_speed_memory_rejects_unknown_methods(tmp_path):
+    with pytest.raises(SystemExit):
+        speed_memory.main(["--out", str(tmp_path), "--methods", "cg,bogus"])
+
+
+def test_speed_memory_wrn_case_builds_and_times_on_cpu(tmp_path):
+    speed_memory.main([
+        "--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--model", "wrn", "--width", "1", "--batch", "2",
+        "--ls", "1", "--ks", "1", "--warmup", "0", "--repeats", "1", "--no-memory", "--methods", "cg,nystrom_time",
+    ])
+    saved = json.loads((tmp_path / "speed_memory_wrn.json").read_text())
+    assert saved["model"] == "wrn-28-1" and saved["memory"] is None
+    assert [r["label"] for r in saved["results"]] == ["CG l=1", "Nyström k=1 κ=k"]
+
+
+def test_accuracy_writes_json_and_all_figures(tmp_path):
+    data = accuracy.main([
+        "--out", str(tmp_path), "--threads", "1", "--costs", "1", "60", "--seeds", "1",
+        "--problems", "ridge,mlp_indefinite",
+    ])
+    saved = json.loads((tmp_path / "accuracy.json").read_text())
+    assert set(saved["problems"]) == {"ridge", "mlp_indefinite"}
+    ridge = saved["problems"]["ridge"]
+    assert set(ridge["curves"]) == {"CG", "Neumann α=1/λmax", "ITD (unrolled, T=l)", "Nyström columns ρ=0.01",
+                                    "Nyström gaussian ρ=0.01", "Identity"}
+    assert "ITD (unrolled, T=l)" not in saved["problems"]["mlp_indefinite"]["curves"]  # no ITD on non-convex
+    assert saved["problems"]["mlp_indefinite"]["eigenvalue_min"] < 0
+    for pt in ridge["curves"]["CG"]:
+        assert {"param", "hvps", "seconds", "error", "cosine"} <= set(pt)
+    # At l = p = 60, CG and full-rank Nyström solve the ridge system: CG exactly, Nyström up to ρ's bias.
+    assert ridge["curves"]["CG"][-1]["error"] < 1e-8
+    assert ridge["curves"]["Nyström columns ρ=0.01"][-1]["error"] < 0.1
+    rob = ridge["robustness"]
+    assert len(rob["Nyström (ρ × k)"]) == 3 and len(rob["Nyström (ρ × k)"][0]) == 3
+    assert set(saved["figure1_errors"]) == {"true inverse", "Nyström k=5", "Nyström k=10", "Nyström k=20", "Neumann l=20"}
+    assert saved["figure1_errors"]["true inverse"] == 0
+    assert saved["theorem1_max_error_over_bound"] <= 1.0  # Theorem 1 holds on every sampled case
+    for name in ("error_vs_cost", "inverse", "theorem1", "robustness"):
+        assert (tmp_path / f"accuracy_{name}.png").stat().st_size > 0
+    assert "| CG |" in accuracy.summary_table(data)
+
+
+def test_wrn28_2_has_the_papers_parameter_count_and_cifar_output_shape():
+    model = wrn28(2)
+    assert sum(p.numel() for p in model.parameters()) == 1_467_610  # "1.5 × 10^6" in the paper
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_wideresnet_rejects_a_depth_not_of_the_form_6n_plus_4():
+    with pytest.raises(ValueError, match="Invalid depth"):
+        WideResNet(depth=27)
