@@ -36,6 +36,7 @@ SOLVERS = tuple(SOLVER_FLAGS)
 
 # Flags that may change between a run and its --resume: they do not change the result.
 RESUMABLE_CHANGES = {"resume", "outer_steps", "device", "threads", "progress", "checkpoint_every"}
+RUN_INFO = {"command", "torch"}  # written to config.json next to the flags
 
 
 class RecipeError(RuntimeError):
@@ -138,14 +139,13 @@ def prepare_out(args: argparse.Namespace) -> Path:
         if not path.exists():
             raise RecipeError(f"--resume: no earlier run in {out} (missing config.json)")
         saved = json.loads(path.read_text())
-        changed = sorted(k for k in set(saved) | set(config)
+        changed = sorted(k for k in (set(saved) - RUN_INFO) | set(config)
                          if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k))
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
             raise RecipeError(f"--resume with different settings than the run in {out} ({details})")
     out.mkdir(parents=True, exist_ok=True)
-    config["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    config["torch"] = torch.__version__
+    config.update(command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), torch=torch.__version__)
     write_json(path, config)
     return out
 

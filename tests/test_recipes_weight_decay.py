@@ -1,0 +1,58 @@
+"""recipes.weight_decay end to end on a small instance of the paper's section 5.1 problem."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recipes import weight_decay
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+SMALL = ["--dim", "20", "--n-train", "100", "--n-val", "100", "--n-test", "50", "--inner-steps", "30", "--no-progress"]
+
+
+def test_all_solvers_run_on_two_seeds_and_nystrom_lowers_validation_loss(tmp_path):
+    metrics = weight_decay.main(["--ihvp", "all", "--seeds", "2", "--outer-steps", "6", "--out", str(tmp_path), *SMALL])
+    assert metrics == json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"nystrom", "cg", "neumann", "identity", "exact"}
+    for method in metrics["methods"].values():
+        assert len(method["curves"]["val_loss"]) == 2 and len(method["curves"]["val_loss"][0]) == 6
+        assert method["final"]["val_loss"]["std"] > 0  # two different seeds were averaged
+    for val_loss in metrics["methods"]["nystrom"]["curves"]["val_loss"]:
+        assert val_loss[-1] < val_loss[0]
+    assert json.loads((tmp_path / "config.json").read_text())["ihvp"] == "all"
+    if HAS_MATPLOTLIB:
+        assert (tmp_path / "losses.png").stat().st_size > 0 and (tmp_path / "accuracy.png").exists()
+
+
+def test_mlp_has_one_decay_per_weight_and_keeps_decays_nonnegative(tmp_path):
+    metrics = weight_decay.main(["--model", "mlp", "--hidden", "8", "--outer-steps", "4", "--out", str(tmp_path), *SMALL])
+    curves = metrics["methods"]["nystrom"]["curves"]
+    assert all(0.0 <= acc <= 1.0 for acc in curves["val_acc"][0])
+    assert all(decay >= 0.0 for decay in curves["decay_mean"][0])
+    assert curves["val_loss"][0][-1] < curves["val_loss"][0][0]
+
+
+def test_resume_continues_exactly_where_an_uninterrupted_run_goes(tmp_path):
+    flags = ["--ihvp", "nystrom", "--checkpoint-every", "1", *SMALL]
+    straight = weight_decay.main([*flags, "--outer-steps", "5", "--out", str(tmp_path / "a")])
+    weight_decay.main([*flags, "--outer-steps", "2", "--out", str(tmp_path / "b")])
+    resumed = weight_decay.main([*flags, "--outer-steps", "5", "--out", str(tmp_path / "b"), "--resume"])
+    for name in ("val_loss", "decay_mean"):
+        assert resumed["methods"]["nystrom"]["curves"][name] == straight["methods"]["nystrom"]["curves"][name]
+
+
+def test_invalid_solver_settings_exit_with_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="^error: .*chunk"):
+        weight_decay.main(["--rank", "3", "--chunk", "4", "--out", str(tmp_path), *SMALL])
+
+
+def test_runs_as_module_with_help():
+    result = subprocess.run([sys.executable, "-m", "recipes.weight_decay", "--help"], capture_output=True, text=True,
+                            cwd=Path(__file__).parents[1], check=True)
+    assert "--ihvp" in result.stdout and "--outer-steps" in result.stdout and "--seeds" in result.stdout
