@@ -123,6 +123,43 @@ def time_interleaved(fns: dict, repeats: int, warmup: int, device: str) -> dict:
     return times
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def plot(result: dict, path: Path) -> None:
+    """Median time per method with interquartile bars; says so and returns if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: plot skipped")
+        return
+    times, cfg = result["times"], result["config"]
+    names = list(times)
+    med = [1e3 * statistics.median(times[n]) for n in names]
+    quart = [statistics.quantiles([1e3 * t for t in times[n]], n=4) for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.barh(names, med, xerr=[[m - q[0] for m, q in zip(med, quart)], [q[2] - m for m, q in zip(med, quart)]],
+            color=["tab:blue", "tab:cyan", "tab:gray", "tab:orange"][: len(names)], capsize=3)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per hypergradient (median, IQR)")
+    threads = f", {result['machine']['threads']} threads" if cfg["device"] == "cpu" else ""
+    ax.set_title(f"LeNet, batch {cfg['batch']}, Nyström k={cfg['rank']}\n{result['machine']['device']}{threads}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/nystrom_overhead", help="output directory (JSON + PNG)")
@@ -164,7 +201,7 @@ def main(argv=None) -> dict:
     result = {
         "config": vars(args),
         "machine": {
-            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
@@ -181,25 +218,7 @@ def main(argv=None) -> dict:
     (out / "overhead.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("median_seconds", "step_over_floor", "step_over_reference",
                                               "relative_difference_to_reference")}, indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: plot skipped")
-        return result
-    fig, ax = plt.subplots(figsize=(5, 3))
-    names = list(times)
-    quart = [statistics.quantiles([1e3 * t for t in times[n]], n=4) for n in names]
-    med = [1e3 * median[n] for n in names]
-    ax.barh(names, med, xerr=[[m - q[0] for m, q in zip(med, quart)], [q[2] - m for m, q in zip(med, quart)]],
-            color=["tab:blue", "tab:cyan", "tab:gray", "tab:orange"][: len(names)], capsize=3)
-    ax.invert_yaxis()
-    ax.set_xlabel("milliseconds per hypergradient (median, interquartile range)")
-    ax.set_title(f"LeNet, batch {args.batch}, Nyström k={args.rank} ({result['machine']['device']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "overhead.png", dpi=120)
+    plot(result, out / "overhead.png")
     return result
 
 

@@ -283,3 +283,12 @@ def test_make_solver_builds_each_solver_with_its_settings():
     assert make_solver("neumann", iters=3, alpha=0.5).alpha == 0.5
     assert isinstance(make_solver("identity"), Identity)
     assert make_solver("exact", rho=0.1).damping == 0.1
+
+
+def test_data_parallel_seam_averaging_matvec_gives_the_global_solve():
+    """Two shards' Hessians; a matvec that averages their products (an all-reduce) is the global solve."""
+    A1, A2 = spd(20, seed=1), low_rank_plus_noise(20, 5, 0.1, seed=2)
+    b = torch.randn(20, generator=gen(3), dtype=DT)
+    averaged = lambda V: 0.5 * (V @ A1 + V @ A2)
+    x = nystrom_solve(averaged, b, 20, 1e-6, chunk=4, generator=gen())
+    assert rel(x, damped_solve(0.5 * (A1 + A2), b, 1e-6)) < 1e-8

@@ -19,7 +19,7 @@ from .cg import ConjugateGradient, cg_solve
 from .exact import Exact, exact_solve
 from .identity import Identity, identity_solve
 from .neumann import Neumann, neumann_solve
-from .nystrom import Nystrom, nystrom_solve
+from .nystrom import Nystrom, nystrom_from_sketch, nystrom_sketch, nystrom_solve
 
 
 class Solver(Protocol):
@@ -66,5 +66,5 @@ def make_solver(name: str, **settings) -> Solver:
 __all__ = [
     "Solver", "make_solver", "SOLVER_NAMES",
     "Nystrom", "ConjugateGradient", "Neumann", "Identity", "Exact",
-    "nystrom_solve", "cg_solve", "neumann_solve", "identity_solve", "exact_solve",
+    "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "neumann_solve", "identity_solve", "exact_solve",
 ]

@@ -129,8 +129,11 @@ def nystrom_sketch(
     float64, and ``combine(β)`` returns ``Yᵀβ`` (shape ``(p,)``, dtype of ``b``),
     recomputing column blocks as needed.  ``k = min(rank, p)``.
 
-    A data-parallel variant can all-reduce ``W``, ``G`` and ``c`` (or wrap
-    ``matvec`` so that it all-reduces ``HΩ``) before :func:`nystrom_from_sketch`.
+    Data parallelism: the Hessian of a loss averaged over shards is the average
+    of the shards' Hessians, so wrapping ``matvec`` to all-reduce (average) its
+    output makes ``HΩ`` the global sketch on every rank; ``W``, ``G`` and ``c`` are
+    then identical everywhere.  (``G`` and ``c`` are not sums of per-shard
+    values, so they must not be all-reduced themselves.)
     """
     p = b.numel()
     k = min(rank, p)
