@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -120,7 +121,7 @@ def _status_bytes(field: str) -> int:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    raise OSError(f"{field} not in /proc/self/status")
 
 
 def child_peak_rss(fn: Callable[[], object], warmup: Callable[[], object] | None = None) -> None:
@@ -132,18 +133,23 @@ def child_peak_rss(fn: Callable[[], object], warmup: Callable[[], object] | None
     call.  The kernel's high-water mark is then reset (``/proc/self/clear_refs``,
     Linux ≥ 4.0) so that ``peak_bytes`` (``VmHWM``) is the peak of this call
     alone, not of the imports; ``peak_reset`` says whether that worked.
+    Without ``/proc`` (not Linux) the lifetime peak ``ru_maxrss`` is reported
+    and ``baseline_bytes`` is 0.
     """
     if warmup is not None:
         warmup()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        reset = True
+        before = _status_bytes("VmRSS")
+        fn()
+        report = {"peak_bytes": _status_bytes("VmHWM"), "baseline_bytes": before, "peak_reset": True}
     except OSError:
-        reset = False
-    before = _status_bytes("VmRSS")
-    fn()
-    print(json.dumps({"peak_bytes": _status_bytes("VmHWM"), "baseline_bytes": before, "peak_reset": reset}))
+        fn()
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+        report = {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "baseline_bytes": 0,
+                  "peak_reset": False}
+    print(json.dumps(report))
 
 
 def cpu_peak_memory(module: str, argv: list[str]) -> dict:

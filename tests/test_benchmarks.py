@@ -21,22 +21,21 @@ def test_time_interleaved_runs_warmup_then_rotated_rounds():
 
 def test_speed_memory_writes_json_table_and_png_with_per_process_cpu_memory(tmp_path):
     data = speed_memory.main([
-        "--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--batch", "2", "--ls", "2", "3", "--ks", "2",
-        "--warmup", "0", "--repeats", "1", "--methods", "cg,nystrom_space,unrolled_truncated",
+        "--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--batch", "2", "--ls", "1", "--ks", "2",
+        "--warmup", "0", "--repeats", "1", "--methods", "cg,nystrom_space",
     ])
     saved = json.loads((tmp_path / "speed_memory_lenet.json").read_text())
     assert saved["memory"] == "child-process peak RSS"
     labels = [r["label"] for r in saved["results"]]
-    assert labels == ["CG l=2", "CG l=3", "Nyström k=2 κ=1", "Unrolled T=3 K=2"]
+    assert labels == ["CG l=1", "Nyström k=2 κ=1"]
     for row in saved["results"]:
         assert {"family", "param", "hvps", "seconds_median", "seconds_all", "peak_bytes", "baseline_bytes",
                 "extra_bytes", "time_ratio", "memory_ratio"} <= set(row)
         assert row["peak_bytes"] >= row["baseline_bytes"] > 0
     by_label = {r["label"]: r for r in saved["results"]}
     assert by_label["Nyström k=2 κ=1"]["hvps"] == 3  # κ·m(m+1)/2 with m = 2
-    assert by_label["Unrolled T=3 K=2"]["hvps"] == 2
     assert (tmp_path / "speed_memory_lenet.png").stat().st_size > 0
-    assert "| CG l=2 |" in speed_memory.markdown_table(data)
+    assert "| CG l=1 |" in speed_memory.markdown_table(data)
 
 
 def test_speed_memory_rejects_unknown_methods(tmp_path):
@@ -44,14 +43,16 @@ def test_speed_memory_rejects_unknown_methods(tmp_path):
         speed_memory.main(["--out", str(tmp_path), "--methods", "cg,bogus"])
 
 
-def test_speed_memory_wrn_case_builds_and_times_on_cpu(tmp_path):
+def test_speed_memory_wrn_case_and_truncated_unroll_run_on_cpu(tmp_path):
     speed_memory.main([
         "--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--model", "wrn", "--width", "1", "--batch", "2",
-        "--ls", "1", "--ks", "1", "--warmup", "0", "--repeats", "1", "--no-memory", "--methods", "cg,nystrom_time",
+        "--ls", "1", "2", "--ks", "1", "--warmup", "0", "--repeats", "1", "--no-memory",
+        "--methods", "cg,nystrom_time,unrolled_truncated",
     ])
     saved = json.loads((tmp_path / "speed_memory_wrn.json").read_text())
     assert saved["model"] == "wrn-28-1" and saved["memory"] is None
-    assert [r["label"] for r in saved["results"]] == ["CG l=1", "Nyström k=1 κ=k"]
+    assert [r["label"] for r in saved["results"]] == ["CG l=1", "CG l=2", "Nyström k=1 κ=k", "Unrolled T=2 K=1"]
+    assert saved["results"][-1]["hvps"] == 1
 
 
 def test_accuracy_writes_json_and_all_figures(tmp_path):
