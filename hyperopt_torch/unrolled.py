@@ -44,7 +44,7 @@ import math
 import numbers
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +53,15 @@ from torch.func import functional_call
 from .hypergrad import LossFn, _scalar, check_hparams
 from .ihvp._validate import positive_int
 
+__all__ = ["unrolled_hypergradient", "UnrolledHypergradient", "UnrolledInfo", "InnerSGD", "sgd_step"]
+
 Scalar = float | Tensor
+
+
+class InnerOptimizer(Protocol):
+    """What :func:`unrolled_hypergradient` needs of an inner optimizer (see :class:`InnerSGD`)."""
+
+    def step(self, params: list[Tensor], grads: list[Tensor], state): ...
 
 
 def sgd_step(
@@ -169,7 +177,7 @@ def unrolled_hypergradient(
     train_loss_fn: LossFn,
     val_loss_fn: LossFn,
     model: nn.Module,
-    optimizer: InnerSGD,
+    optimizer: InnerOptimizer,
     steps: int,
     truncate: int | None = None,
     *,
@@ -191,7 +199,10 @@ def unrolled_hypergradient(
         model: θ are its parameters with ``requires_grad``; inside the loss
             functions they hold θ_t (through ``functional_call``), so the loss
             functions use ``model`` exactly as in the implicit API.
-        optimizer: the differentiable inner optimizer, e.g. :class:`InnerSGD`.
+        optimizer: the differentiable inner optimizer, e.g. :class:`InnerSGD`;
+            any object with ``step(params, grads, state) -> (params, state)``
+            (``state`` is ``None`` before the first step) built from
+            differentiable tensor operations works.
         steps: ``T ≥ 1``.
         truncate: ``K`` in ``1..T``, the number of final steps back-propagated
             through (Shaban et al.); ``None`` means ``K = T``.
@@ -209,6 +220,14 @@ def unrolled_hypergradient(
         TypeError / ValueError: bad hparams, ``steps``/``truncate`` out of
             range, a loss that is not a scalar tensor, a model without
             trainable parameters.
+
+    Example (tuning the learning rate and a penalty through 20 steps)::
+
+        lr = torch.tensor(0.1, requires_grad=True)
+        log_wd = torch.tensor(-4.0, requires_grad=True)
+        train = lambda m: F.cross_entropy(m(x), y) + log_wd.exp() * sum((p**2).sum() for p in m.parameters())
+        val = lambda m: F.cross_entropy(m(xv), yv)
+        (g_lr, g_wd), info = unrolled_hypergradient([lr, log_wd], train, val, model, InnerSGD(lr), steps=20, truncate=5)
 
     Memory holds the graphs of ``K`` steps (``K`` forward-and-backward graphs
     of ``f`` with ``create_graph=True``).  Unless ``write_back`` is set, the
