@@ -100,7 +100,11 @@ class HessianVectorProduct:
         self.calls += B
         batched = B > 1
         pieces = unflatten(V2 if batched else V2[0], self.params)
-        hv = self._backward(pieces, batched)
+        # The products must not carry a graph of their own (with the func engine
+        # they would reach the hyperparameters): a solver's iterates would then keep
+        # every earlier product's graph alive and memory would grow with each HVP.
+        with torch.no_grad():
+            hv = self._backward(pieces, batched)
         out = torch.cat(
             [
                 (h if h is not None else V2.new_zeros(B, p.numel())).reshape(B, -1)

@@ -1,7 +1,8 @@
+import pytest
 import torch
 from torch import nn
 
-from hyperopt_torch.hvp import HessianVectorProduct, flatten, unflatten
+from hyperopt_torch.hvp import HessianVectorProduct, flatten, training_hvp, unflatten
 
 DT = torch.float64
 
@@ -60,3 +61,24 @@ def test_linear_loss_gives_zero_hessian():
     grads = torch.autograd.grad((2 * a).sum(), [a], create_graph=True)
     hvp = HessianVectorProduct.from_autograd(grads, [a])
     assert torch.equal(hvp(torch.ones(4, 3, dtype=DT)), torch.zeros(4, 3, dtype=DT))
+
+
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+def test_products_carry_no_graph_so_solver_memory_stays_flat(engine):
+    """An HVP output that required grad would keep its graph (reaching φ) alive in every iterate."""
+    model, X, y = _mlp_problem()
+    phi = torch.zeros(5, 4, dtype=DT, requires_grad=True)
+    loss = lambda m: nn.functional.cross_entropy(m(X), y) + (phi.exp() * m[0].weight**2).sum()
+    hvp, _ = training_hvp(loss, model, list(model.parameters()), engine)
+    V = torch.randn(3, hvp.numel, dtype=DT)
+    assert hvp.engine == engine
+    assert not hvp(V).requires_grad and not hvp(V[0]).requires_grad
+    assert all(m is not None for m in hvp.mixed(V[0], [phi]))
+
+
+def test_func_engine_matches_autograd_engine():
+    model, X, y = _mlp_problem()
+    loss = lambda m: nn.functional.cross_entropy(m(X), y)
+    V = torch.randn(4, sum(p.numel() for p in model.parameters()), dtype=DT)
+    out = {e: training_hvp(loss, model, list(model.parameters()), e)[0](V) for e in ("func", "autograd")}
+    torch.testing.assert_close(out["func"], out["autograd"], rtol=1e-12, atol=1e-14)
