@@ -3,6 +3,7 @@
 from .hypergrad import HypergradInfo, Hypergradient, implicit_hypergradient
 from .ihvp import SOLVER_NAMES, ConjugateGradient, Exact, Identity, Neumann, Nystrom, make_solver
 from .optim import HyperOptimizer
+from .unrolled import InnerSGD, UnrolledHypergradient, UnrolledInfo, sgd_step, unrolled_hypergradient
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,9 @@ __all__ = [
     "Neumann",
     "Identity",
     "Exact",
+    "unrolled_hypergradient",
+    "UnrolledHypergradient",
+    "UnrolledInfo",
+    "InnerSGD",
+    "sgd_step",
 ]

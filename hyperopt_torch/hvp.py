@@ -35,6 +35,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._model import LossCall, reaches
+
 Matvec = Callable[[Tensor], Tensor]
 ENGINES = ("func", "autograd")
 
@@ -129,18 +131,6 @@ class HessianVectorProduct:
         )
 
 
-class _LossModule(nn.Module):
-    """Calls ``loss_fn(model)`` so that ``functional_call`` can swap the model's tensors for the call."""
-
-    def __init__(self, loss_fn, model: nn.Module):
-        super().__init__()
-        self.loss_fn = loss_fn
-        self.model = model
-
-    def forward(self):
-        return self.loss_fn(self.model)
-
-
 def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
     from torch.func import functional_call, grad_and_value, vjp, vmap
 
@@ -149,7 +139,7 @@ def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
     for name, p in model.named_parameters():
         if id(p) in ids:
             names[ids[id(p)]] = "model." + name
-    wrapper = _LossModule(loss_fn, model)
+    wrapper = LossCall(model)
     buffers = ["model." + n for n, _ in model.named_buffers()]
     buffer_values = [b for _, b in model.named_buffers()]
 
@@ -158,12 +148,12 @@ def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
         # (BatchNorm running statistics); the model's own buffers are not touched.
         state = dict(zip(names, theta))
         state.update({n: b.clone() for n, b in zip(buffers, buffer_values)})
-        loss = functional_call(wrapper, state, (), strict=False)
+        loss = functional_call(wrapper, state, (loss_fn,), strict=False)
         return _check_scalar(loss, "train_loss_fn")
 
     primals = tuple(p.detach() for p in params)
     grads, vjp_fn, loss = vjp(grad_and_value(loss_of, argnums=tuple(range(len(params)))), *primals, has_aux=True)
-    if _reaches(loss, ids):
+    if reaches(loss, params):
         raise _CapturedParameter
 
     def backward(pieces, batched):
@@ -174,23 +164,6 @@ def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
 
 class _CapturedParameter(Exception):
     """The loss reads a model parameter through a captured reference."""
-
-
-def _reaches(tensor: Tensor, ids: dict) -> bool:
-    """Whether ``tensor``'s autograd graph has one of the tensors in ``ids`` as a leaf."""
-    if tensor.grad_fn is None:
-        return False
-    seen, stack = set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if variable is not None and id(variable) in ids:
-            return True
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
-                seen.add(child)
-                stack.append(child)
-    return False
 
 
 def _check_scalar(loss, name: str) -> Tensor:

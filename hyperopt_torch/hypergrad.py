@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._model import ModelSnapshot
 from .hvp import ENGINES, _check_scalar, flatten, training_hvp
 from .ihvp import Solver, make_solver
 
@@ -63,28 +64,6 @@ def _scalar(loss, name: str) -> Tensor:
     if not loss.requires_grad:
         raise ValueError(f"{name} returned a tensor that does not require grad: compute it from the model outside torch.no_grad()")
     return loss
-
-
-class _ModelSnapshot:
-    """Restores a model's buffers, train/eval flags and parameter ``.grad`` references.
-
-    Parameter values are never written by this module; buffers (BatchNorm
-    running statistics) and modes can be changed by the user's loss functions.
-    """
-
-    def __init__(self, model: nn.Module, params: Sequence[Tensor]):
-        self.modes = [(m, m.training) for m in model.modules()]
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        self.grads = [(p, p.grad) for p in params]
-
-    def restore(self) -> None:
-        for m, mode in self.modes:
-            m.training = mode
-        with torch.no_grad():
-            for b, saved in self.buffers:
-                b.copy_(saved)
-        for p, g in self.grads:
-            p.grad = g
 
 
 def check_hparams(hparams: Sequence[Tensor], name: str = "hparams") -> list[Tensor]:
@@ -164,7 +143,7 @@ def implicit_hypergradient(
             raise ValueError(f"hparams[{i}] is also a parameter of the model: an inner parameter cannot be its own hyperparameter")
 
     start = time.perf_counter()
-    snapshot = _ModelSnapshot(model, params)
+    snapshot = ModelSnapshot(model, params)
     try:
         with torch.enable_grad():
             val = _scalar(val_loss_fn(model), "val_loss_fn")

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._model import LossCall, ModelSnapshot, reaches
 from .hypergrad import LossFn, _scalar, check_hparams
 from .ihvp._validate import positive_int
 
@@ -161,17 +162,6 @@ class UnrolledHypergradient(NamedTuple):
     info: UnrolledInfo
 
 
-class _LossCall(nn.Module):
-    """Evaluates ``fn(model)`` under :func:`functional_call` so that ``model`` sees θ_t."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn: LossFn) -> Tensor:
-        return fn(self.model)
-
-
 def unrolled_hypergradient(
     hparams: Sequence[Tensor],
     train_loss_fn: LossFn,
@@ -244,15 +234,19 @@ def unrolled_hypergradient(
         raise ValueError("model has no parameters with requires_grad=True: there is nothing to unroll")
     names = [f"model.{n}" for n, _ in named]
     params = [p for _, p in named]
-    call = _LossCall(model)
+    call = LossCall(model)
 
     def loss_at(fn: LossFn, theta: list[Tensor], what: str) -> Tensor:
-        return _scalar(functional_call(call, dict(zip(names, theta)), (fn,)), what)
+        loss = _scalar(functional_call(call, dict(zip(names, theta)), (fn,)), what)
+        if reaches(loss, params):
+            raise ValueError(
+                f"{what} reads model parameters through a reference it captured, which functional_call cannot "
+                "replace by θ_t: read them through its model argument (m.parameters(), m.weight, m(x))"
+            )
+        return loss
 
     start = time.perf_counter()
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    grads_before = [(p, p.grad) for p in params]
+    snapshot = ModelSnapshot(model, params)
     done = False
     try:
         theta = [p.detach() for p in params]
@@ -282,14 +276,7 @@ def unrolled_hypergradient(
                     p.copy_(x)
         done = True
     finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, g0 in grads_before:
-            p.grad = g0
-        if not (done and write_back):
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+        snapshot.restore(buffers=not (done and write_back))
 
     info = UnrolledInfo(
         steps=steps,

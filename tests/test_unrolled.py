@@ -186,3 +186,15 @@ def test_inner_sgd_rejects_negative_float_settings():
         InnerSGD(lr=-0.1)
     with pytest.raises(ValueError, match="Invalid momentum"):
         InnerSGD(lr=0.1, momentum=float("nan"))
+
+
+def test_loss_reading_captured_parameters_is_rejected():
+    """functional_call swaps module attributes, not a captured reference: θ_t would be ignored."""
+    model = torch.nn.Linear(3, 1).double()
+    weight = model.weight
+    decay = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    X = torch.randn(8, 3, dtype=torch.float64)
+    train = lambda m: (m(X) ** 2).mean() + (decay.exp() * weight[0] ** 2).sum()
+    with pytest.raises(ValueError, match="captured"):
+        unrolled_hypergradient([decay], train, lambda m: m(X).mean(), model, InnerSGD(lr=0.1), steps=2)
+    assert model.weight is weight
