@@ -41,6 +41,9 @@ from . import common
 from .models import MLP, LogisticRegression
 
 SAWTOOTH_OUTER_STEPS = 30  # the bottom panel shows the inner losses of the first outer steps only, to stay legible
+# φ = 1 on every MLP weight shrinks it by (1 - 0.1)^100 within one inner loop: the net collapses to
+# zero output, where the hypergradient vanishes too.
+INIT_DECAY = {"logistic": 1.0, "mlp": 0.1}
 CURVES = ("val_loss", "train_loss", "test_loss", "val_acc", "train_acc", "test_acc", "decay_mean", "hvps", "seconds")
 
 
@@ -63,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     task.add_argument("--inner-lr", type=common.positive_float, default=0.1, help="inner SGD learning rate")
     task.add_argument("--outer-lr", type=common.positive_float, default=1.0, help="outer SGD learning rate")
     task.add_argument("--momentum", type=float, default=0.9, help="outer SGD momentum")
-    task.add_argument("--init-decay", type=float, default=1.0, help="initial value of every φ_i")
+    task.add_argument("--init-decay", type=float, default=None,
+                      help="initial value of every φ_i; default 1 for logistic (paper), 0.1 for mlp")
     task.add_argument("--seeds", type=common.positive_int, default=1,
                       help="runs with seeds --seed, --seed+1, ...; curves are averaged")
     return parser.parse_args(argv)
@@ -114,7 +118,8 @@ def run(args: argparse.Namespace, method: str, seed: int, device: torch.device, 
     torch.manual_seed(seed)
     model = build_model(args).to(device)
     theta_init = {k: v.clone() for k, v in model.state_dict().items()}
-    decay = [torch.full_like(p, args.init_decay, requires_grad=True) for p in model.parameters()]
+    init_decay = INIT_DECAY[args.model] if args.init_decay is None else args.init_decay
+    decay = [torch.full_like(p, init_decay, requires_grad=True) for p in model.parameters()]
     hopt = HyperOptimizer(decay, base=torch.optim.SGD, ihvp=common.solver_from_args(args, method),
                           lr=args.outer_lr, momentum=args.momentum, seed=seed)
 
