@@ -151,11 +151,15 @@ def implicit_hypergradient(
             b = flatten(direct[: len(params)], params).detach()
             hvp, train = training_hvp(train_loss_fn, model, params, engine)
 
-            x = solver.solve(hvp, b, generator=generator)
-            res = None
-            if residual:
-                r = hvp(x) + solver.damping * x - b
-                res = r.norm() / b.norm()
+            # Solvers run without recording: an iterate with an autograd history
+            # keeps every product's graph alive (and CG's in-place updates then
+            # leak it across steps).
+            with torch.no_grad():
+                x = solver.solve(hvp, b, generator=generator)
+                res = None
+                if residual:
+                    r = hvp(x) + solver.damping * x - b
+                    res = r.norm() / b.norm()
             mixed = hvp.mixed(x, hparams)
             for i, m in enumerate(mixed):
                 if m is None:

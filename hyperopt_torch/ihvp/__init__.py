@@ -5,6 +5,8 @@ Every solver exposes ``name``, ``damping`` (the ρ of the system
 with ``matvec(V: (B, p)) -> (B, p)`` and ``b: (p,)``.  A plain function sits
 under each class (:func:`nystrom_solve`, :func:`cg_solve`, ...), so every
 solver can be run on a dense matrix: ``matvec = lambda V: V @ A``.
+:func:`~hyperopt_torch.implicit_hypergradient` calls ``solve`` under
+``torch.no_grad()``: a custom solver needs no autograd and gets none.
 """
 
 from __future__ import annotations
