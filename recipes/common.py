@@ -35,7 +35,7 @@ SOLVER_FLAGS = {
 SOLVERS = tuple(SOLVER_FLAGS)
 
 # Flags that may change between a run and its --resume: they do not change the result.
-RESUMABLE_CHANGES = {"resume", "outer_steps", "device", "threads", "progress", "checkpoint_every"}
+RESUMABLE_CHANGES = {"resume", "outer_steps", "device", "threads", "progress", "checkpoint_every", "out"}  # "out": a run folder may be moved
 RUN_INFO = {"command", "torch"}  # written to config.json next to the flags
 
 
