@@ -66,11 +66,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for on/off switches and ``None`` (whose help text says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def make_parser(prog: str, description: str, *, outer_steps: int, rank: int, rho: float, iters: int, alpha: float,
                 threads: int | None = None, ihvp_choices: tuple[str, ...] = SOLVERS) -> argparse.ArgumentParser:
     """A parser with the flags every recipe takes; the defaults are the recipe's (the paper's) values."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_DefaultsFormatter)
     solver = parser.add_argument_group("inverse-Hessian-vector product (paper symbols in brackets)")
     solver.add_argument("--ihvp", choices=ihvp_choices, default="nystrom", help="solver for (H + ρI)⁻¹ ∇_θ g")
     solver.add_argument("--rank", type=positive_int, default=rank, help="Nyström rank [k]")
@@ -85,7 +93,7 @@ def make_parser(prog: str, description: str, *, outer_steps: int, rank: int, rho
     run.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sketches")
     run.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu")
     run.add_argument("--threads", type=positive_int, default=threads,
-                     help="CPU threads for torch (torch.set_num_threads); default torch's own choice")
+                     help="CPU threads for torch (torch.set_num_threads)" + ("; default torch's own choice" if threads is None else ""))
     run.add_argument("--out", type=Path, default=Path("runs") / prog.rsplit(".", 1)[-1], help="output folder")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     run.add_argument("--checkpoint-every", type=positive_int, default=25, help="outer steps between checkpoints")
