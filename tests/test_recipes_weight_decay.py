@@ -36,6 +36,8 @@ def test_mlp_has_one_decay_per_weight_and_keeps_decays_nonnegative(tmp_path):
     assert all(0.0 <= acc <= 1.0 for acc in curves["val_acc"][0])
     assert all(decay >= 0.0 for decay in curves["decay_mean"][0])
     assert curves["val_loss"][0][-1] < curves["val_loss"][0][0]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["init_decay"] == 0.1  # the model's default, recorded so --resume can compare it
 
 
 def test_resume_continues_exactly_where_an_uninterrupted_run_goes(tmp_path):
