@@ -148,6 +148,9 @@ def implicit_hypergradient(
         with torch.enable_grad():
             val = _scalar(val_loss_fn(model), "val_loss_fn")
             direct = torch.autograd.grad(val, params + hparams, allow_unused=True)
+            # The training loss sees the model as found, whatever val_loss_fn did to
+            # it (model.eval() is common; BatchNorm in training mode updates buffers).
+            snapshot.restore()
             b = flatten(direct[: len(params)], params).detach()
             hvp, train = training_hvp(train_loss_fn, model, params, engine)
 
@@ -155,7 +158,10 @@ def implicit_hypergradient(
             # keeps every product's graph alive (and CG's in-place updates then
             # leak it across steps).
             with torch.no_grad():
-                x = solver.solve(hvp, b, generator=generator)
+                try:
+                    x = solver.solve(hvp, b, generator=generator)
+                except torch.linalg.LinAlgError:  # an eigensolver that did not converge: skip the step
+                    x = torch.full_like(b, float("nan"))
                 res = None
                 if residual:
                     r = hvp(x) + solver.damping * x - b

@@ -299,3 +299,33 @@ def test_solver_runs_without_autograd_recording(ridge):
 
     implicit_hypergradient([ridge.phi], ridge.train_loss, ridge.val_loss, ridge.model, Spy())
     assert seen == {"grad_enabled": False, "requires_grad": False}
+
+
+def test_training_loss_sees_the_model_as_found_whatever_val_loss_fn_does():
+    """A val_loss_fn that switches to eval mode (common) must not change the Hessian:
+    with dropout, the training loss must still run in training mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).to(DT)
+    x, xv = torch.randn(16, 4, dtype=DT), torch.randn(16, 4, dtype=DT)
+    phi = torch.full((1,), -1.0, dtype=DT, requires_grad=True)
+    seen = []
+
+    def train(m):
+        seen.append(m.training)
+        return m(x).pow(2).mean() + phi.exp() * sum((p**2).sum() for p in m.parameters())
+
+    def val_eval(m):
+        m.eval()
+        return m(xv).mean()
+
+    def val_train(m):  # the same loss, mode untouched: BatchNorm uses batch statistics
+        m.eval()
+        out = m(xv).mean()
+        m.train()
+        return out
+
+    net.train()
+    (g_eval,), _ = implicit_hypergradient([phi], train, val_eval, net, Exact())
+    (g_ref,), _ = implicit_hypergradient([phi], train, val_train, net, Exact())
+    assert seen == [True, True] and net.training
+    assert torch.allclose(g_eval, g_ref, rtol=1e-12, atol=0)

@@ -137,6 +137,24 @@ def test_non_finite_step_changes_nothing_and_warns(ridge):
     assert all(torch.equal(a, b) for a, b in zip(params, ridge.model.parameters()))
 
 
+@pytest.mark.parametrize(
+    "ihvp, settings",
+    [("nystrom", {"rank": 4}), ("nystrom", {"rank": 4, "sketch": "gaussian"}), ("nystrom", {"rank": 4, "chunk": 1}),
+     ("cg", {}), ("neumann", {}), ("identity", {}), ("exact", {})],
+)
+def test_diverged_model_skips_the_step_for_every_solver(logistic, ihvp, settings):
+    """A NaN weight (an inner loop that diverged) makes the Hessian itself non-finite:
+    every solver must end in a skipped step, not an eigensolver exception."""
+    hopt = HyperOptimizer([logistic.phi], base=torch.optim.SGD, ihvp=ihvp, lr=0.1, **settings)
+    with torch.no_grad():
+        logistic.model.weight[0, 0] = float("nan")
+    gen_state = hopt.generator.get_state()
+    with pytest.warns(RuntimeWarning, match="non-finite.*skipped"):
+        info = hopt.step(logistic.train_loss, logistic.val_loss, logistic.model)
+    assert info.skipped and logistic.phi.grad is None
+    assert torch.equal(hopt.generator.get_state(), gen_state)
+
+
 def test_non_finite_step_can_raise(ridge):
     hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="identity", lr=0.1, on_nonfinite="raise")
     with pytest.raises(FloatingPointError, match="non-finite"):

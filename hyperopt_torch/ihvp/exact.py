@@ -35,7 +35,10 @@ def symmetric_pinv_solve(A: Tensor, b: Tensor, eps: float) -> Tensor:
 
 
 def exact_solve(matvec: Matvec, b: Tensor, rho: float = 0.0, max_params: int = 20_000, batch: int = 256) -> Tensor:
-    """``(H + ρI)⁻¹ b`` with the dense Hessian (``p`` HVPs); raises ``ValueError`` if ``p > max_params``."""
+    """``(H + ρI)⁻¹ b`` with the dense Hessian (``p`` HVPs); raises ``ValueError`` if ``p > max_params``.
+
+    A non-finite Hessian or ``b`` gives an all-NaN result (the caller's signal to skip the step).
+    """
     p = b.numel()
     if p > max_params:
         raise ValueError(
@@ -43,6 +46,8 @@ def exact_solve(matvec: Matvec, b: Tensor, rho: float = 0.0, max_params: int = 2
             "use Nystrom or ConjugateGradient for a model this size, or raise max_params"
         )
     H = dense_hessian(matvec, p, dtype=b.dtype, device=b.device, batch=batch).double()
+    if not bool(torch.isfinite(H).all() & torch.isfinite(b).all()):  # e.g. a diverged model: report NaN
+        return torch.full_like(b, float("nan"))
     H.diagonal().add_(rho)
     x = symmetric_pinv_solve(H, b.double(), torch.finfo(b.dtype).eps)
     return x.to(b.dtype)

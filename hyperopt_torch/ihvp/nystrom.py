@@ -231,7 +231,8 @@ def nystrom_solve(
         sketch: ``"columns"`` (paper) or ``"gaussian"``.
         generator: CPU generator for the random index set / Gaussian seeds.
 
-    Returns ``x`` of shape ``(p,)`` in ``b``'s dtype and device.  HVPs used:
+    Returns ``x`` of shape ``(p,)`` in ``b``'s dtype and device, all NaN if the
+    sketch or ``b`` is not finite (e.g. a diverged model).  HVPs used:
     ``k`` when ``κ ≥ k``, else ``κ·m(m+1)/2`` with ``m = ⌈k/κ⌉`` (fewer for a
     ragged last block).
     """
@@ -240,6 +241,8 @@ def nystrom_solve(
     # kernel launches and synchronisations each on a GPU: move them, once.
     k = c.numel()
     packed = torch.cat([W.reshape(-1), G.reshape(-1), c]).cpu()  # one transfer, one sync
+    if not bool(torch.isfinite(packed).all()):  # a non-finite Hessian or b: nothing to solve, report NaN
+        return torch.full_like(b, float("nan"))
     W, G, c = packed[: k * k].view(k, k), packed[k * k : 2 * k * k].view(k, k), packed[2 * k * k :]
     a, beta = nystrom_from_sketch(W, G, c, b.numel(), rho, torch.finfo(b.dtype).eps)
     x = combine(beta.to(b.device, non_blocking=True))
