@@ -9,10 +9,11 @@ setup(
     packages=find_packages(include=["hyperopt_torch", "hyperopt_torch.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.1", "tqdm"],
+    # torchvision is pinned to the release paired with torch 2.13.0: an unpinned one
+    # would pull a newer torch (and its CUDA wheels) over the installed one.
     extras_require={
-        "recipes": ["torchvision", "matplotlib", "numpy"],
-        "unrolled": ["higher"],
-        "test": ["pytest", "numpy", "matplotlib", "scipy"],
+        "recipes": ["torchvision==0.28.0", "pillow", "matplotlib", "numpy"],
+        "test": ["pytest", "numpy", "matplotlib"],
     },
     license="MIT",
 )
