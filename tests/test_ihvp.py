@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hyperopt_torch import ConjugateGradient, Exact, Identity, Neumann, Nystrom, make_solver
-from hyperopt_torch.ihvp import cg_solve, exact_solve, identity_solve, neumann_solve, nystrom_solve
+from hyperopt_torch.ihvp import cg_solve, exact_solve, identity_solve, neumann_solve, nystrom_solve, sample_columns
 
 DT = torch.float64
 
@@ -95,7 +95,7 @@ def test_nystrom_matches_its_dense_low_rank_definition():
     """(H_k + ρI)⁻¹b with H_k = H[:,K] H[K,K]⁺ H[:,K]ᵀ materialised (Eq. 4), at k < p."""
     p, k, rho = 30, 7, 0.1
     A, b = spd(p, cond=50.0), torch.randn(p, dtype=DT)
-    index = torch.randperm(p, generator=gen(5))[:k]
+    index = sample_columns(p, k, gen(5))
     C = A[:, index]
     Hk = C @ torch.linalg.pinv(A[index][:, index]) @ C.T
     x = nystrom_solve(Counted(A), b, k, rho, generator=gen(5))
@@ -122,7 +122,7 @@ def test_nystrom_obeys_theorem_1_bound():
     A = low_rank_plus_noise(p, 20, 0.0)
     g = torch.randn(p, generator=gen(7), dtype=DT)
     F = torch.randn(p, h, generator=gen(8), dtype=DT)
-    index = torch.randperm(p, generator=gen(9))[:k]
+    index = sample_columns(p, k, gen(9))
     C = A[:, index]
     E = torch.linalg.matrix_norm(A - C @ torch.linalg.pinv(A[index][:, index]) @ C.T, ord=2).item()
     h_true = F.T @ damped_solve(A, g, rho)
@@ -140,7 +140,7 @@ def test_nystrom_zero_hessian_columns_stay_finite():
     A[dead] = 0
     A[:, dead] = 0
     b = torch.randn(p, dtype=DT)
-    index = torch.randperm(p, generator=gen(0))[:8]
+    index = sample_columns(p, 8, gen(0))
     assert torch.isin(index, dead).any()  # the sketch did pick a dead column
     x = nystrom_solve(Counted(A), b, 8, 0.01, generator=gen(0))
     assert torch.isfinite(x).all()
@@ -292,3 +292,17 @@ def test_data_parallel_seam_averaging_matvec_gives_the_global_solve():
     averaged = lambda V: 0.5 * (V @ A1 + V @ A2)
     x = nystrom_solve(averaged, b, 20, 1e-6, chunk=4, generator=gen())
     assert rel(x, damped_solve(0.5 * (A1 + A2), b, 1e-6)) < 1e-8
+
+
+@pytest.mark.parametrize("p, k", [(50, 5), (12, 10)])  # Floyd's O(k) draw; randperm when k is close to p
+def test_column_sample_is_distinct_and_uniform(p, k):
+    g = gen(3)
+    n = 8000
+    counts = torch.zeros(p)
+    for _ in range(n):
+        idx = sample_columns(p, k, g)
+        assert idx.dtype == torch.int64 and idx.unique().numel() == k and 0 <= idx.min() and idx.max() < p
+        counts[idx] += 1
+    expected = n * k / p
+    sd = (n * (k / p) * (1 - k / p)) ** 0.5
+    assert (counts - expected).abs().max() < 5 * sd  # a biased draw (e.g. always the tail) fails by far

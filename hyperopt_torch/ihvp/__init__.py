@@ -21,7 +21,7 @@ from .cg import ConjugateGradient, cg_solve
 from .exact import Exact, exact_solve
 from .identity import Identity, identity_solve
 from .neumann import Neumann, neumann_solve
-from .nystrom import Nystrom, nystrom_from_sketch, nystrom_sketch, nystrom_solve
+from .nystrom import Nystrom, nystrom_from_sketch, nystrom_sketch, nystrom_solve, sample_columns
 
 
 class Solver(Protocol):
@@ -69,4 +69,5 @@ __all__ = [
     "Solver", "make_solver", "SOLVER_NAMES",
     "Nystrom", "ConjugateGradient", "Neumann", "Identity", "Exact",
     "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "neumann_solve", "identity_solve", "exact_solve",
+    "sample_columns",
 ]

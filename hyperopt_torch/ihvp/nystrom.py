@@ -68,6 +68,28 @@ from ._validate import positive_float, positive_int
 SKETCHES = ("columns", "gaussian")
 
 
+def sample_columns(p: int, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """``k`` distinct indices drawn uniformly from ``range(p)`` (a CPU int64 tensor).
+
+    Floyd's algorithm (Bentley & Floyd 1987) costs ``O(k)`` instead of the
+    ``O(p)`` of ``randperm(p)[:k]`` — about 10–30 ms per step at p = 1.5M on a
+    CPU, a tenth of a WRN-28-2 Nyström step on an H100.  The draws come from
+    ``generator`` alone (one call), so the set is reproducible from its state.
+    """
+    if 4 * k >= p:
+        return torch.randperm(p, generator=generator)[:k]
+    u = torch.rand(k, generator=generator, dtype=torch.float64).tolist()
+    chosen: list[int] = []
+    seen: set[int] = set()
+    for i, j in enumerate(range(p - k, p)):
+        t = min(int(u[i] * (j + 1)), j)  # uniform on 0..j
+        if t in seen:
+            t = j
+        seen.add(t)
+        chosen.append(t)
+    return torch.tensor(chosen, dtype=torch.int64)
+
+
 def _test_matrix(sketch: str, p: int, k: int, b: Tensor, generator: torch.Generator | None):
     """Return ``(rows, project)``: ``rows(j0, j1)`` gives ``Ω[:, j0:j1]ᵀ`` and
     ``project(j0, j1, Y)`` gives ``Ω[:, j0:j1]ᵀ Yᵀ`` for ``Y`` of shape ``(n, p)``.
@@ -76,7 +98,7 @@ def _test_matrix(sketch: str, p: int, k: int, b: Tensor, generator: torch.Genera
     sketch is the same for every chunk size and reproducible from its state.
     """
     if sketch == "columns":
-        index = torch.randperm(p, generator=generator)[:k].to(b.device)
+        index = sample_columns(p, k, generator).to(b.device, non_blocking=True)
 
         def rows(j0: int, j1: int) -> Tensor:
             E = torch.zeros(j1 - j0, p, dtype=b.dtype, device=b.device)
