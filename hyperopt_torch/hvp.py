@@ -30,6 +30,8 @@ to the hyperparameters the loss closes over, so the mixed partial
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Callable, Sequence
 
 import torch
@@ -183,8 +185,9 @@ def training_hvp(
         loss_fn: ``model ↦`` scalar training loss.
         model: the module; ``params`` must be among its parameters.
         params: the parameters θ, in the order of the flat vectors.
-        engine: ``"func"`` (falls back to ``"autograd"`` if torch.func cannot
-            transform ``loss_fn``) or ``"autograd"``.
+        engine: ``"func"`` (falls back to ``"autograd"``, with a warning, if
+            torch.func cannot transform ``loss_fn`` or ``loss_fn`` reads captured
+            parameters; out-of-memory errors are raised, not retried) or ``"autograd"``.
 
     Returns:
         ``(hvp, loss)``: the product object and the loss value (a scalar
@@ -198,10 +201,16 @@ def training_hvp(
     if engine == "func":
         try:
             return _func_hvp(loss_fn, model, params)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, torch.cuda.OutOfMemoryError):
             raise
-        except Exception:  # a captured parameter, or torch.func cannot transform the loss
-            pass
+        except _CapturedParameter:
+            reason = ("train_loss_fn reads model parameters through a captured reference instead of its model "
+                      "argument, which torch.func cannot swap")
+        except Exception as error:  # torch.func cannot transform the loss
+            reason = f"torch.func could not transform train_loss_fn ({type(error).__name__}: {error})"
+        warnings.warn(f"{reason}; falling back to engine='autograd' (slower on most models; train_loss_fn is "
+                      "called a second time for this step). Pass engine='autograd' to silence this.",
+                      UserWarning, stacklevel=3)
     loss = _check_scalar(loss_fn(model), "train_loss_fn")
     if not loss.requires_grad:
         raise ValueError("train_loss_fn returned a tensor that does not require grad: compute it outside torch.no_grad()")

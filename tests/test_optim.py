@@ -256,7 +256,11 @@ def test_optimizer_remembers_an_engine_fallback(ridge):
     train = lambda m: ridge.train_loss(m) + 0.25 * (ridge.phi.exp() * weight[0] ** 2).sum()
     hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="identity", lr=0.0)
     assert hopt.engine == "func"
-    hopt.step(train, ridge.val_loss, ridge.model)
+    with pytest.warns(UserWarning, match="falling back"):
+        hopt.step(train, ridge.val_loss, ridge.model)
     assert hopt.engine == "autograd" and hopt.last.engine == "autograd"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second attempt, no second warning
+        hopt.step(train, ridge.val_loss, ridge.model)
     with pytest.raises(ValueError, match="Invalid engine"):
         HyperOptimizer([ridge.phi], engine="jax")
