@@ -3,7 +3,7 @@
 from .hypergrad import HypergradInfo, Hypergradient, implicit_hypergradient
 from .ihvp import SOLVER_NAMES, ConjugateGradient, Exact, Identity, Neumann, Nystrom, make_solver
 from .optim import HyperOptimizer
-from .unrolled import InnerSGD, UnrolledHypergradient, UnrolledInfo, sgd_step, unrolled_hypergradient
+from .unrolled import InnerAdam, InnerSGD, UnrolledHypergradient, UnrolledInfo, adam_step, sgd_step, unrolled_hypergradient
 
 __version__ = "0.1.0"
 
@@ -24,4 +24,6 @@ __all__ = [
     "UnrolledInfo",
     "InnerSGD",
     "sgd_step",
+    "InnerAdam",
+    "adam_step",
 ]

@@ -24,10 +24,12 @@ Why ``torch.func`` and not ``higher``: the inner parameters are plain tensors
 θ_t swapped into the user's unchanged module with
 :func:`torch.func.functional_call`, so any ``nn.Module`` works, the model is
 never monkey-patched, nothing beyond PyTorch is needed, and the inner
-optimizer is a few lines of tensor algebra (:func:`sgd_step`) whose
-hyperparameters are ordinary tensors that may themselves be tuned.
+optimizer is a few lines of tensor algebra (:func:`sgd_step`,
+:func:`adam_step`) whose hyperparameters are ordinary tensors that may
+themselves be tuned.
 
 References:
+    Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
     Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter Optimization
     through Reversible Learning", ICML 2015.
     Franceschi et al., "Forward and Reverse Gradient-Based Hyperparameter
@@ -50,17 +52,30 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._model import LossCall, ModelSnapshot, reaches
+from ._model import LossCall, ModelSnapshot
 from .hypergrad import LossFn, _scalar, check_hparams
 from .ihvp._validate import positive_int
 
-__all__ = ["unrolled_hypergradient", "UnrolledHypergradient", "UnrolledInfo", "InnerSGD", "sgd_step"]
+__all__ = [
+    "unrolled_hypergradient",
+    "UnrolledHypergradient",
+    "UnrolledInfo",
+    "InnerSGD",
+    "sgd_step",
+    "InnerAdam",
+    "adam_step",
+    "AdamState",
+]
 
 Scalar = float | Tensor
 
 
 class InnerOptimizer(Protocol):
-    """What :func:`unrolled_hypergradient` needs of an inner optimizer (see :class:`InnerSGD`)."""
+    """What :func:`unrolled_hypergradient` needs of an inner optimizer (see :class:`InnerSGD`).
+
+    ``state`` is whatever the optimizer carries from one step to the next
+    (``None`` before the first step); it is passed back unchanged.
+    """
 
     def step(self, params: list[Tensor], grads: list[Tensor], state): ...
 
@@ -88,7 +103,7 @@ def sgd_step(
     Returns ``(θ_{t+1}, b_t)``; ``b_t`` is ``None`` when ``momentum`` is the
     float ``0``.  Nothing is modified in place.
     """
-    d = [g + weight_decay * p for p, g in zip(params, grads)] if _nonzero(weight_decay) else list(grads)
+    d = _l2(params, grads, weight_decay)
     if _nonzero(momentum):
         bufs = d if momentum_buffers is None else [momentum * b + di for b, di in zip(momentum_buffers, d)]
     else:
@@ -97,15 +112,80 @@ def sgd_step(
     return [p - lr * di for p, di in zip(params, direction)], bufs
 
 
+class AdamState(NamedTuple):
+    """The state of :func:`adam_step` after ``step`` updates: the moment estimates m and v, one tensor per parameter."""
+
+    step: int
+    exp_avg: list[Tensor]
+    exp_avg_sq: list[Tensor]
+
+
+def adam_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: AdamState | None,
+    lr: Scalar,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0.0,
+) -> tuple[list[Tensor], AdamState]:
+    """One differentiable step of ``torch.optim.Adam`` (L2 weight decay as in Adam, not AdamW; no AMSGrad).
+
+    For the ``k``-th update (``k = 1, 2, …``; Kingma & Ba, Algorithm 1):
+
+        d = ∇f(θ) + λ θ,   m_k = β₁ m_{k−1} + (1 − β₁) d,   v_k = β₂ v_{k−1} + (1 − β₂) d²   (m_0 = v_0 = 0),
+        θ ← θ − η / (1 − β₁^k) · m_k / (√v_k / √(1 − β₂^k) + ε)
+
+    Args:
+        params, grads: θ and ∇f(θ), one tensor per parameter.
+        state: the :class:`AdamState` returned by the previous step, or
+            ``None`` before the first.
+        lr, betas, eps, weight_decay: η, (β₁, β₂), ε, λ as floats or tensors
+            that broadcast against every parameter (0-dim in practice);
+            tensors that require grad are differentiated through.
+
+    Returns ``(θ_new, AdamState(k, m_k, v_k))``.  Nothing is modified in place.
+    """
+    beta1, beta2 = betas
+    d = _l2(params, grads, weight_decay)
+    if state is None:
+        state = AdamState(0, [torch.zeros_like(di) for di in d], [torch.zeros_like(di) for di in d])
+    k = state.step + 1
+    m = [beta1 * mi + (1 - beta1) * di for mi, di in zip(state.exp_avg, d)]
+    v = [beta2 * vi + (1 - beta2) * di * di for vi, di in zip(state.exp_avg_sq, d)]
+    step_size = lr / (1 - beta1**k)
+    root_correction = (1 - beta2**k) ** 0.5
+    new = [p - step_size * mi / (_sqrt(vi) / root_correction + eps) for p, mi, vi in zip(params, m, v)]
+    return new, AdamState(k, m, v)
+
+
+def _sqrt(v: Tensor) -> Tensor:
+    """``√v`` whose derivative at ``v = 0`` is 0 instead of ∞.
+
+    With β₂ < 1, ``v = 0`` only where every entry of d so far was 0, hence
+    ``m = 0`` there too, and m / (√v + ε) does not vary with √v: its true
+    derivative through √v is 0.  Autograd would instead multiply
+    d√v/dv = ∞ by dv/dd = 2(1 − β₂) d = 0 and return NaN.
+    """
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, 1.0).sqrt(), 0.0)
+
+
+def _l2(params: Sequence[Tensor], grads: Sequence[Tensor], weight_decay: Scalar) -> list[Tensor]:
+    """``∇f(θ) + λ θ``, the gradient of the L2-penalised loss that torch.optim's ``weight_decay`` uses."""
+    return [g + weight_decay * p for p, g in zip(params, grads)] if _nonzero(weight_decay) else list(grads)
+
+
 def _nonzero(value: Scalar) -> bool:
     return isinstance(value, Tensor) or value != 0
 
 
-def _hyper(name: str, value: Scalar) -> Scalar:
+def _hyper(name: str, value: Scalar, below: float = math.inf) -> Scalar:
     if isinstance(value, Tensor):
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number >= 0 or a tensor)")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < below:
+        expected = "a finite number >= 0" if below == math.inf else f"a number in [0, {below:g})"
+        raise ValueError(f"Invalid {name}: {value!r} (expected {expected} or a tensor)")
     return float(value)
 
 
@@ -132,6 +212,45 @@ class InnerSGD:
 
     def __repr__(self) -> str:
         return f"InnerSGD(lr={self.lr}, momentum={self.momentum}, weight_decay={self.weight_decay})"
+
+
+class InnerAdam:
+    """Differentiable Adam as the inner optimizer of :func:`unrolled_hypergradient`.
+
+    Same update as ``torch.optim.Adam(lr, betas, eps, weight_decay)`` with
+    bias correction and ``weight_decay`` added to the gradient (L2, not
+    AdamW's decoupled decay); see :func:`adam_step`.  ``lr``, either beta,
+    ``eps`` and ``weight_decay`` may be tensors — pass a hyperparameter tensor
+    here and include it in ``hparams`` to get its hypergradient.  The moment
+    estimates and the step count start at zero at every call of
+    :func:`unrolled_hypergradient`.
+
+    Raises:
+        ValueError: ``betas`` not a pair; a float setting that is negative or
+            not finite, or a float beta not below 1.
+    """
+
+    def __init__(
+        self,
+        lr: Scalar,
+        betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+        eps: Scalar = 1e-8,
+        weight_decay: Scalar = 0.0,
+    ):
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))") from None
+        self.lr = _hyper("lr", lr)
+        self.betas = (_hyper("betas[0]", beta1, below=1.0), _hyper("betas[1]", beta2, below=1.0))
+        self.eps = _hyper("eps", eps)
+        self.weight_decay = _hyper("weight_decay", weight_decay)
+
+    def step(self, params, grads, state):
+        return adam_step(params, grads, state, self.lr, self.betas, self.eps, self.weight_decay)
+
+    def __repr__(self) -> str:
+        return f"InnerAdam(lr={self.lr}, betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay})"
 
 
 @dataclass
@@ -189,8 +308,9 @@ def unrolled_hypergradient(
         model: θ are its parameters with ``requires_grad``; inside the loss
             functions they hold θ_t (through ``functional_call``), so the loss
             functions use ``model`` exactly as in the implicit API.
-        optimizer: the differentiable inner optimizer, e.g. :class:`InnerSGD`;
-            any object with ``step(params, grads, state) -> (params, state)``
+        optimizer: the differentiable inner optimizer, e.g. :class:`InnerSGD`
+            or :class:`InnerAdam`; any object with
+            ``step(params, grads, state) -> (params, state)``
             (``state`` is ``None`` before the first step) built from
             differentiable tensor operations works.
         steps: ``T ≥ 1``.
@@ -238,7 +358,7 @@ def unrolled_hypergradient(
 
     def loss_at(fn: LossFn, theta: list[Tensor], what: str) -> Tensor:
         loss = _scalar(functional_call(call, dict(zip(names, theta)), (fn,)), what)
-        if reaches(loss, params):
+        if _reads_captured(loss, params, theta):
             raise ValueError(
                 f"{what} reads model parameters through a reference it captured, which functional_call cannot "
                 "replace by θ_t: read them through its model argument (m.parameters(), m.weight, m(x))"
@@ -254,9 +374,9 @@ def unrolled_hypergradient(
         for t in range(steps):
             tracked = t >= steps - keep
             if t == steps - keep or not tracked:
-                # θ_{T−K} is a constant of the truncated problem: cut the graph here.
+                # θ_{T−K} is a constant of the truncated problem: cut the graph here.  The optimizer
+                # state needs no cut: the untracked steps built it without a graph.
                 theta = [x.detach().requires_grad_() for x in theta]
-                state = None if state is None else [s.detach() for s in state]
             with torch.enable_grad():
                 train = loss_at(train_loss_fn, theta, "train_loss_fn")
                 g = torch.autograd.grad(train, theta, create_graph=tracked, allow_unused=True)
@@ -287,3 +407,28 @@ def unrolled_hypergradient(
         val_loss=val_value,
     )
     return UnrolledHypergradient(grads, info)
+
+
+def _reads_captured(loss: Tensor, params: Sequence[Tensor], theta: Sequence[Tensor]) -> bool:
+    """Whether ``loss``'s autograd graph has a model parameter as a leaf, searched only up to θ_t.
+
+    A loss function that reads a parameter through a reference it captured
+    sees the parameter itself, never θ_t (``functional_call`` swaps module
+    attributes only).  The graph behind θ_t is that of the earlier steps,
+    whose losses were searched when they were built; searching it again at
+    every step would cost Σ_t t step-graphs, O(T²) for the whole unroll.
+    Every call is searched, since a loss function may read the captured
+    reference on some calls only.
+    """
+    ids = {id(p) for p in params}
+    seen = {x.grad_fn for x in theta}
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if id(getattr(node, "variable", None)) in ids:  # AccumulateGrad nodes hold their leaf
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False

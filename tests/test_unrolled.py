@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from torch import nn
 
-from hyperopt_torch.unrolled import InnerSGD, sgd_step, unrolled_hypergradient
+import hyperopt_torch
+from hyperopt_torch.unrolled import InnerAdam, InnerSGD, sgd_step, unrolled_hypergradient
 
 DT = torch.float64
 STEPS = 6
@@ -198,3 +202,161 @@ def test_loss_reading_captured_parameters_is_rejected():
     with pytest.raises(ValueError, match="captured"):
         unrolled_hypergradient([decay], train, lambda m: m(X).mean(), model, InnerSGD(lr=0.1), steps=2)
     assert model.weight is weight
+
+
+def test_loss_reading_captured_parameters_on_a_later_step_only_is_rejected():
+    """Every step's loss is searched: the same function may read the captured reference on some calls only."""
+    model = torch.nn.Linear(3, 1).double()
+    weight = model.weight
+    decay = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    X = torch.randn(8, 3, dtype=torch.float64)
+    calls = []
+
+    def train(m):
+        calls.append(None)
+        w = weight if len(calls) == 3 else m.weight
+        return (m(X) ** 2).mean() + (decay.exp() * w[0] ** 2).sum()
+
+    with pytest.raises(ValueError, match="captured"):
+        unrolled_hypergradient([decay], train, lambda m: m(X).mean(), model, InnerSGD(lr=0.1), steps=4)
+    assert len(calls) == 3
+
+
+def _package_lines_run(fn) -> int:
+    """Python lines executed in hyperopt_torch while ``fn`` runs: a deterministic measure of work, no timing."""
+    root = os.path.dirname(hyperopt_torch.__file__)
+    count = 0
+
+    def line(frame, event, arg):
+        nonlocal count
+        count += event == "line"
+        return line
+
+    previous = sys.gettrace()
+    sys.settrace(lambda frame, event, arg: line if frame.f_code.co_filename.startswith(root) else None)
+    try:
+        fn()
+    finally:
+        sys.settrace(previous)
+    return count
+
+
+def test_work_per_inner_step_does_not_grow_with_the_number_of_steps():
+    """Searching every loss's whole graph for captured parameters would revisit all earlier steps: O(T²)."""
+    model, hparams, train_loss, val_loss, opt = _setup()
+    lines = [
+        _package_lines_run(lambda: unrolled_hypergradient(hparams, train_loss, val_loss, model, opt, steps=T))
+        for T in (4, 8, 16)
+    ]
+    # Linear in T: the 8 steps from 8 to 16 cost twice the 4 from 4 to 8; quadratic would be four times.
+    assert lines[2] - lines[1] <= 2.2 * (lines[1] - lines[0]), lines
+
+
+def test_inner_adam_with_float_settings_takes_the_steps_of_torch_optim_adam():
+    model = _model()
+    X, y, _, _ = _data()
+    settings = {"lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-3, "weight_decay": 0.01}
+    opt, inner = torch.optim.Adam(model.parameters(), **settings), InnerAdam(**settings)
+    theta, state = [p.detach().clone() for p in model.parameters()], None
+    for _ in range(10):
+        opt.zero_grad()
+        (0.5 * ((model(X) - y) ** 2).mean()).backward()
+        opt.step()
+        theta = [x.detach().requires_grad_() for x in theta]
+        grads = torch.autograd.grad(0.5 * ((_forward(theta, X) - y) ** 2).mean(), theta)
+        theta, state = inner.step([x.detach() for x in theta], grads, state)
+    assert state.step == 10
+    for got, want in zip(theta, model.parameters()):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+
+
+ADAM = (0.05, 0.8, 0.95, 1e-3, 0.01)  # lr, beta1, beta2, eps, weight_decay
+
+
+def _adam_problem(zero_entry: bool):
+    """The MLP problem; with ``zero_entry`` one input feature and its first-layer weights are 0, so those
+    weights' gradient (weight decay included) is exactly 0 at every step while it carries a graph."""
+    model = _model()
+    X, y, Xv, yv = _data()
+    if zero_entry:
+        X = X.clone()
+        X[:, 2] = 0
+        with torch.no_grad():
+            model[0].weight[:, 2] = 0
+    return model, X, y, Xv, yv
+
+
+def _adam_reference_val_loss(settings, steps, zero_entry, frozen=None):
+    """g(θ_T) after ``steps`` of torch.optim.Adam with float ``settings`` (lr, beta1, beta2, eps, weight_decay).
+
+    With ``frozen=(K, base)`` the first ``steps − K`` steps use ``base``: what truncation differentiates.
+    """
+
+    def group(lr, beta1, beta2, eps, weight_decay):
+        return {"lr": lr, "betas": (beta1, beta2), "eps": eps, "weight_decay": weight_decay}
+
+    model, X, y, Xv, yv = _adam_problem(zero_entry)
+    opt = torch.optim.Adam(model.parameters(), **group(*(settings if frozen is None else frozen[1])))
+    for t in range(steps):
+        if frozen is not None and t == steps - frozen[0]:
+            opt.param_groups[0].update(group(*settings))
+        opt.zero_grad()
+        (0.5 * ((model(X) - y) ** 2).mean()).backward()
+        opt.step()
+    with torch.no_grad():
+        return (0.5 * ((model(Xv) - yv) ** 2).mean()).item()
+
+
+def _adam_hypergradient(zero_entry, truncate=None):
+    model, X, y, Xv, yv = _adam_problem(zero_entry)
+    hparams = [torch.tensor(v, dtype=DT, requires_grad=True) for v in ADAM]
+    lr, beta1, beta2, eps, weight_decay = hparams
+    grads, info = unrolled_hypergradient(
+        hparams,
+        lambda m: 0.5 * ((m(X) - y) ** 2).mean(),
+        lambda m: 0.5 * ((m(Xv) - yv) ** 2).mean(),
+        model,
+        InnerAdam(lr, (beta1, beta2), eps, weight_decay),
+        steps=STEPS,
+        truncate=truncate,
+    )
+    return hparams, grads, info
+
+
+@pytest.mark.parametrize("zero_entry", [False, True], ids=["dense", "gradient-entry-always-zero"])
+def test_inner_adam_hypergradient_matches_finite_differences_for_lr_betas_eps_and_weight_decay(zero_entry):
+    hparams, grads, info = _adam_hypergradient(zero_entry)
+    fd = _finite_differences(lambda *h: _adam_reference_val_loss([x.item() for x in h], STEPS, zero_entry), hparams)
+    assert not info.skipped
+    for got, want in zip(grads, fd):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(info.val_loss, _adam_reference_val_loss(ADAM, STEPS, zero_entry))
+
+
+def test_inner_adam_truncated_hypergradient_matches_finite_differences_of_the_last_k_steps():
+    K = 2
+    hparams, trunc, info = _adam_hypergradient(False, truncate=K)
+    fd = _finite_differences(
+        lambda *h: _adam_reference_val_loss([x.item() for x in h], STEPS, False, frozen=(K, ADAM)), hparams
+    )
+    for got, want in zip(trunc, fd):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    _, full, _ = _adam_hypergradient(False)
+    assert info.truncate == K
+    assert not torch.allclose(torch.stack(trunc), torch.stack(full), rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr": -0.1}, "Invalid lr"),
+        ({"betas": (0.9, 1.0)}, r"Invalid betas\[1\]"),
+        ({"betas": (-0.1, 0.999)}, r"Invalid betas\[0\]"),
+        ({"betas": (0.9,)}, "Invalid betas"),
+        ({"eps": float("nan")}, "Invalid eps"),
+        ({"weight_decay": float("inf")}, "Invalid weight_decay"),
+    ],
+)
+def test_inner_adam_rejects_invalid_float_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        InnerAdam(**{"lr": 0.1, **kwargs})
