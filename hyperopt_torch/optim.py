@@ -17,13 +17,16 @@ _NONFINITE = ("warn", "raise")
 
 
 def _flat_hparams(groups: list) -> list[torch.Tensor]:
+    """The tensors of ``groups``; like torch.optim, a group's ``params`` iterable (for
+    example ``module.parameters()``, a generator) is stored back as a list first."""
     if groups and isinstance(groups[0], dict):
         out = []
         for i, group in enumerate(groups):
             if not isinstance(group, dict) or "params" not in group:
                 raise TypeError(f"hparams[{i}] is not a param-group dict with a 'params' entry")
             params = group["params"]
-            out.extend([params] if isinstance(params, torch.Tensor) else list(params))
+            group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+            out.extend(group["params"])
         return out
     return groups
 

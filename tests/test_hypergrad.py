@@ -80,13 +80,19 @@ def test_solver_name_uses_default_settings(ridge):
     assert info.solver.startswith("Nystrom(rank=10")
 
 
-def test_float32_model_gives_float32_hypergradient(ridge):
-    model = ridge.model.float()
-    phi = ridge.phi.detach().float().requires_grad_()
-    X = torch.randn(30, phi.numel())
-    train = lambda m: (m(X) ** 2).mean() + (phi.exp() * m.weight[0] ** 2).sum()
-    (g,), info = implicit_hypergradient([phi], train, lambda m: m(X).mean(), model, Nystrom(4, 0.1), generator=gen())
-    assert g.dtype == torch.float32 and not info.skipped
+@pytest.mark.parametrize("solver", [Nystrom(4, 0.1), Nystrom(4, 0.1, chunk=1), ConjugateGradient(8), Exact()],
+                         ids=["nystrom", "nystrom-k1", "cg", "exact"])
+def test_float32_model_gives_float32_hypergradient_close_to_float64(ridge, solver):
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        model = ridge.model.to(dtype)
+        phi = ridge.phi.detach().to(dtype).requires_grad_()
+        X = torch.randn(30, phi.numel(), generator=gen(), dtype=torch.float64).to(dtype)
+        train = lambda m: (m(X) ** 2).mean() + (phi.exp() * m.weight[0] ** 2).sum()
+        (g,), info = implicit_hypergradient([phi], train, lambda m: m(X).mean(), model, solver, generator=gen())
+        assert g.dtype == dtype and not info.skipped
+        results[dtype] = g
+    assert rel(results[torch.float32].double(), results[torch.float64]) < 1e-5
 
 
 # --- networks -----------------------------------------------------------------------------------
@@ -330,3 +336,61 @@ def test_training_loss_sees_the_model_as_found_whatever_val_loss_fn_does():
     (g_ref,), _ = implicit_hypergradient([phi], train, val_train, net, Exact())
     assert seen == [True, True] and net.training
     assert torch.allclose(g_eval, g_ref, rtol=1e-12, atol=0)
+
+
+def _weighting_problem():
+    """Meta-Weight-Net-style: the hyperparameters are the parameters of another module
+    that maps each example's loss to its weight (Shu et al. 2019)."""
+    g = torch.Generator().manual_seed(4)
+    n, d = 24, 5
+    X, Xv = torch.randn(n, d, generator=g, dtype=DT), torch.randn(n, d, generator=g, dtype=DT)
+    y, yv = torch.randn(n, generator=g, dtype=DT), torch.randn(n, generator=g, dtype=DT)
+    torch.manual_seed(4)
+    wnet = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1), nn.Sigmoid()).to(DT)
+    model = nn.Linear(d, 1, bias=False).to(DT)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=DT))
+
+    def f(theta, wparams):
+        losses = (X @ theta - y) ** 2
+        weights = torch.func.functional_call(wnet, wparams, (losses[:, None].detach(),))[:, 0]
+        return (weights * losses).mean() + 0.5 * (theta**2).sum()
+
+    def val(theta):
+        return ((Xv @ theta - yv) ** 2).mean()
+
+    wparams = dict(wnet.named_parameters())
+    theta = model.weight[0].detach()
+    detached = {k: v.detach() for k, v in wparams.items()}
+    H = torch.func.hessian(f)(theta, detached)
+    F = torch.func.jacrev(torch.func.grad(f), argnums=1)(theta, detached)  # {name: (d, *shape)}
+    x = torch.linalg.solve(H, torch.func.grad(val)(theta))
+    exact = {k: -torch.einsum("d,d...->...", x, F[k]) for k in F}
+    train = lambda m: f(m.weight[0], wparams)
+    return wnet, model, train, lambda m: val(m.weight[0]), exact
+
+
+def test_hparams_that_are_another_modules_parameters_match_the_exact_hypergradient():
+    wnet, model, train, val, exact = _weighting_problem()
+    names = [k for k, _ in wnet.named_parameters()]
+    grads, info = implicit_hypergradient(list(wnet.parameters()), train, val, model, Exact())
+    assert not info.skipped
+    for name, g in zip(names, grads):
+        assert g.shape == exact[name].shape
+        assert rel(g, exact[name]) < 1e-9, name
+    assert max(e.norm() for e in exact.values()) > 1e-3  # not a vacuous comparison
+
+
+def test_param_groups_of_a_module_step_by_their_own_learning_rates():
+    from hyperopt_torch import HyperOptimizer
+
+    wnet, model, train, val, exact = _weighting_problem()
+    first, second = wnet[0], wnet[2]
+    before = {k: v.detach().clone() for k, v in wnet.named_parameters()}
+    hopt = HyperOptimizer([{"params": first.parameters()}, {"params": second.parameters(), "lr": 0.25}],
+                          base=torch.optim.SGD, ihvp=ConjugateGradient(iters=5), lr=1.0)
+    info = hopt.step(train, val, model)
+    assert not info.skipped and info.hvps == 5
+    for name, p in wnet.named_parameters():
+        lr = 1.0 if name.startswith("0.") else 0.25
+        assert rel(before[name] - p.detach(), lr * exact[name]) < 1e-9, name

@@ -13,10 +13,11 @@ class Counted:
     """matvec over a dense symmetric matrix that counts Hessian-vector products."""
 
     def __init__(self, A):
-        self.A, self.calls = A, 0
+        self.A, self.calls, self.batches = A, 0, 0
 
     def __call__(self, V):
         self.calls += V.shape[0] if V.dim() == 2 else 1
+        self.batches += 1
         return V @ self.A
 
 
@@ -85,10 +86,13 @@ def test_nystrom_hvp_counts_follow_the_chunk_schedule():
     # (the first of each row is kept as the next row's own block), then every block
     # but the last again for the final combination: κ·m(m+1)/2 for equal blocks.
     # κ = 3, k = 10 has blocks 3,3,3,1: 3 + (7 + 4 + 1) + (3 + 3 + 3) = 24.
-    for chunk, expected in [(None, 10), (10, 10), (1, 55), (5, 15), (3, 24)]:
-        mv = Counted(A)
-        nystrom_solve(mv, b, k, 0.1, chunk, "columns", gen())
-        assert mv.calls == expected, chunk
+    # Products come in batches of κ vectors, never one at a time: κ = k is one
+    # batched call; the blocked schedules make one call per block (pair).
+    for chunk, expected, batches in [(None, 10, 1), (10, 10, 1), (1, 55, 55), (5, 15, 3), (3, 24, 10)]:
+        for sketch in ("columns", "gaussian"):
+            mv = Counted(A)
+            nystrom_solve(mv, b, k, 0.1, chunk, sketch, gen())
+            assert (mv.calls, mv.batches) == (expected, batches), (chunk, sketch)
 
 
 def test_nystrom_matches_its_dense_low_rank_definition():

@@ -66,8 +66,8 @@ def test_param_groups_are_shared_with_the_base_and_scheduler_drives_them(ridge):
     sched.step()
     assert [g["lr"] for g in hopt.base.param_groups] == [0.5, 0.005]
     extra = torch.zeros(2, dtype=DT, requires_grad=True)
-    hopt.add_param_group({"params": [extra], "lr": 0.1})
-    assert hopt.base.param_groups[-1]["params"] == [extra]
+    hopt.add_param_group({"params": (t for t in [extra]), "lr": 0.1})  # any iterable, as in torch.optim
+    assert hopt.base.param_groups[-1]["params"] == [extra] and hopt.hparams[-1] is extra
     with pytest.raises(ValueError, match="does not require grad"):
         hopt.add_param_group({"params": [torch.zeros(2)]})
 
