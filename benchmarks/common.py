@@ -40,9 +40,9 @@ __all__ = [
     "child_peak_rss", "cpu_peak_memory", "write_results", "save_figure",
 ]
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` with the flags every benchmark takes."""
-    p = argparse.ArgumentParser(description=description)
+def parser(description: str, module: str) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the flags every benchmark takes; ``module`` names it in the usage line."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     p.add_argument("--out", type=Path, default=Path("benchmark-results"), help="directory for the JSON and PNG files")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--full", action="store_true", help="paper-sized run (slow on CPU)")

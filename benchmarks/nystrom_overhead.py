@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from hyperopt_torch import HyperOptimizer, Nystrom
+from hyperopt_torch.ihvp import sample_columns
 from hyperopt_torch.hvp import flatten, training_hvp, unflatten
 from recipes.models import LeNet
 
@@ -91,7 +92,7 @@ def reference_fn(model, log_decay, data, k, rho, generator):
 
     g_theta = grad(outer)(theta)
     v = torch.cat([g_theta[n].reshape(-1) for n in names])
-    index = torch.randperm(v.numel(), generator=generator)[:k].to(v.device)
+    index = sample_columns(v.numel(), k, generator).to(v.device)  # the index set the library draws
 
     def selected_gradient(params):
         g = grad(inner)(params, phi)
@@ -147,7 +148,8 @@ def plot(result: dict, path: Path) -> None:
     times, cfg = result["times"], result["config"]
     names = list(times)
     med = [1e3 * statistics.median(times[n]) for n in names]
-    quart = [statistics.quantiles([1e3 * t for t in times[n]], n=4) for n in names]
+    quart = [statistics.quantiles([1e3 * t for t in times[n]], n=4) if len(times[n]) > 1 else [m, m, m]
+             for n, m in zip(names, med)]  # one repeat: no interquartile range to draw
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.barh(names, med, xerr=[[m - q[0] for m, q in zip(med, quart)], [q[2] - m for m, q in zip(med, quart)]],
             color=["tab:blue", "tab:cyan", "tab:gray", "tab:orange"][: len(names)], capsize=3)
@@ -161,7 +163,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.nystrom_overhead", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/nystrom_overhead", help="output directory (JSON + PNG)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=128, help="images per loss evaluation")

@@ -123,8 +123,10 @@ def implicit_hypergradient(
             training loss does not depend on.  The model is left unchanged.
 
     The model is left exactly as found: parameter values and ``.grad``,
-    buffers and train/eval modes.  One host-device synchronisation happens, at
-    the end (the finiteness check and the loss values).
+    buffers and train/eval modes.  On a GPU the step synchronises with the host
+    once at the end (the finiteness check and the loss values, fetched
+    together), plus once inside the Nyström solver (its k × k system is solved
+    on the host) and once per iteration for CG with ``tol``.
     """
     hparams = check_hparams(hparams)
     if engine not in ENGINES:

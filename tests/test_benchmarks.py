@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 import torch
 
-from benchmarks import accuracy, common, speed_memory
+from benchmarks import accuracy, common, nystrom_overhead, speed_memory
 from recipes.wideresnet import WideResNet, wrn28
 
 
@@ -91,3 +92,14 @@ def test_wrn28_2_has_the_papers_parameter_count_and_cifar_output_shape():
 def test_wideresnet_rejects_a_depth_not_of_the_form_6n_plus_4():
     with pytest.raises(ValueError, match="Invalid depth"):
         WideResNet(depth=27)
+
+
+def test_nystrom_overhead_agrees_with_the_reference_and_writes_json_and_png(tmp_path):
+    result = nystrom_overhead.main(["--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--batch", "4",
+                                    "--rank", "3", "--repeats", "1", "--warmup", "0"])
+    assert result["relative_difference_to_reference"] < 1e-4  # same index set, same Eq. 6, float32
+    saved = json.loads((tmp_path / "overhead.json").read_text())
+    assert set(saved["median_seconds"]) == {"step", "step_autograd", "floor", "reference"}
+    assert saved["step_over_floor"] > 0 and saved["step_over_reference"] > 0
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "overhead.png").stat().st_size > 0

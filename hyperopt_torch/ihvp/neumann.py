@@ -1,4 +1,6 @@
-"""Truncated Neumann series for ``H⁻¹ b`` (Lorraine, Vicol & Duvenaud 2020, Algorithm 2).
+"""Truncated Neumann series for ``H⁻¹ b`` (Lorraine, Vicol & Duvenaud 2020).
+
+Algorithm 3 (``approxInverseHVP``) of the paper; Algorithm 1 of their slides.
 
     H⁻¹ = α Σ_{j≥0} (I − αH)^j,   valid when ‖I − αH‖ < 1,
 
