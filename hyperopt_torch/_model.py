@@ -44,16 +44,21 @@ class LossCall(nn.Module):
         return fn(self.model)
 
 
-def reaches(tensor: Tensor, leaves: Sequence[Tensor]) -> bool:
+def reaches(tensor: Tensor, leaves: Sequence[Tensor], stop: Sequence[Tensor] = ()) -> bool:
     """Whether ``tensor``'s autograd graph has one of ``leaves`` as a leaf.
 
     Used to detect a loss that reads a parameter through a captured reference:
     ``functional_call`` swaps module attributes, not references held elsewhere.
+    The search does not go behind the tensors in ``stop`` (graph already
+    searched, e.g. the earlier steps of an unrolled loop).
     """
     if tensor.grad_fn is None:
         return False
     ids = {id(t) for t in leaves}
-    seen, stack = set(), [tensor.grad_fn]
+    seen = {x.grad_fn for x in stop if x.grad_fn is not None}
+    if tensor.grad_fn in seen:
+        return False
+    stack = [tensor.grad_fn]
     while stack:
         node = stack.pop()
         variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._model import LossCall, ModelSnapshot
+from ._model import LossCall, ModelSnapshot, reaches
 from .hypergrad import LossFn, _scalar, check_hparams
 from .ihvp._validate import positive_int
 
@@ -358,7 +358,10 @@ def unrolled_hypergradient(
 
     def loss_at(fn: LossFn, theta: list[Tensor], what: str) -> Tensor:
         loss = _scalar(functional_call(call, dict(zip(names, theta)), (fn,)), what)
-        if _reads_captured(loss, params, theta):
+        # Searched only up to θ_t: the graph behind it (the earlier steps) was searched when it was
+        # built, and searching it again would make the unroll O(T²).  Every call is searched, since
+        # a loss function may read a captured reference on some calls only.
+        if reaches(loss, params, stop=theta):
             raise ValueError(
                 f"{what} reads model parameters through a reference it captured, which functional_call cannot "
                 "replace by θ_t: read them through its model argument (m.parameters(), m.weight, m(x))"
@@ -407,28 +410,3 @@ def unrolled_hypergradient(
         val_loss=val_value,
     )
     return UnrolledHypergradient(grads, info)
-
-
-def _reads_captured(loss: Tensor, params: Sequence[Tensor], theta: Sequence[Tensor]) -> bool:
-    """Whether ``loss``'s autograd graph has a model parameter as a leaf, searched only up to θ_t.
-
-    A loss function that reads a parameter through a reference it captured
-    sees the parameter itself, never θ_t (``functional_call`` swaps module
-    attributes only).  The graph behind θ_t is that of the earlier steps,
-    whose losses were searched when they were built; searching it again at
-    every step would cost Σ_t t step-graphs, O(T²) for the whole unroll.
-    Every call is searched, since a loss function may read the captured
-    reference on some calls only.
-    """
-    ids = {id(p) for p in params}
-    seen = {x.grad_fn for x in theta}
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if id(getattr(node, "variable", None)) in ids:  # AccumulateGrad nodes hold their leaf
-            return True
-        stack.extend(child for child, _ in node.next_functions)
-    return False
