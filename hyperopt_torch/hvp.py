@@ -31,7 +31,6 @@ to the hyperparameters the loss closes over, so the mixed partial
 from __future__ import annotations
 
 import warnings
-
 from typing import Callable, Sequence
 
 import torch
