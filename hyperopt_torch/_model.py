@@ -9,27 +9,64 @@ from torch import Tensor, nn
 
 
 class ModelSnapshot:
-    """Restores a model's train/eval flags, parameter ``.grad`` references and (optionally) buffers.
+    """Everything of a model that user loss functions can change, put back by :meth:`restore`.
 
-    Parameter values are never written by the hypergradient code; buffers
-    (BatchNorm running statistics) and modes can be changed by the user's
-    loss functions.
+    * the train/eval flag of every submodule;
+    * every parameter and buffer, as module attribute and as value.  A loss may
+      write in place (``w.add_()``, ``clamp_``, ``nn.Embedding(max_norm=...)``
+      renormalising its rows, BatchNorm's running statistics) or re-assign a
+      buffer (``self.mean = 0.9 * self.mean + ...``): the original tensor
+      objects are put back and their values restored.  One copy of the
+      parameters and buffers is held; a tensor whose ``_version`` did not
+      change is not written;
+    * the ``.grad`` of ``params`` and ``extra`` (the hyperparameters).  They are
+      set to ``None`` while the snapshot is open, so a ``.backward()`` inside a
+      loss creates new gradients instead of adding into the saved ones, and
+      :meth:`touched` tells which it reached.  :meth:`close` puts the original
+      ``.grad`` objects back.
     """
 
-    def __init__(self, model: nn.Module, params: Sequence[Tensor]):
+    def __init__(self, model: nn.Module, params: Sequence[Tensor], extra: Sequence[Tensor] = ()):
         self.modes = [(m, m.training) for m in model.modules()]
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        self.grads = [(p, p.grad) for p in params]
+        self.tensors = []  # [module, attribute name, tensor object, its _version, saved value]
+        with torch.no_grad():
+            for m in model.modules():
+                for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+                    self.tensors.append([m, name, t, t._version, t.clone()])
+        self.grads = [(t, t.grad) for t in [*params, *extra]]
+        for t, _ in self.grads:
+            t.grad = None
 
-    def restore(self, buffers: bool = True) -> None:
+    def touched(self) -> list[int]:
+        """Indices into ``[*params, *extra]`` of the tensors that got a ``.grad`` since the snapshot was taken."""
+        return [i for i, (t, _) in enumerate(self.grads) if t.grad is not None]
+
+    def restore(self, values: bool = True) -> None:
+        """Put back the modes and, with ``values``, the parameters' and buffers' objects and values.
+
+        Gradients created since the snapshot are dropped; the saved ``.grad``
+        objects come back at :meth:`close`.
+        """
         for m, mode in self.modes:
             m.training = mode
-        for p, g in self.grads:
-            p.grad = g
-        if buffers:
-            with torch.no_grad():
-                for b, saved in self.buffers:
-                    b.copy_(saved)
+        for t, _ in self.grads:
+            t.grad = None
+        if not values:
+            return
+        with torch.no_grad():
+            for entry in self.tensors:
+                m, name, t, version, saved = entry
+                if getattr(m, name) is not t:
+                    setattr(m, name, t)
+                if t._version != version:
+                    t.copy_(saved)
+                    entry[3] = t._version
+
+    def close(self, values: bool = True) -> None:
+        """:meth:`restore`, then hand the saved ``.grad`` objects back."""
+        self.restore(values)
+        for t, g in self.grads:
+            t.grad = g
 
 
 class LossCall(nn.Module):

@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_scalar, require_graph
 from ._model import LossCall, reaches
 
 Matvec = Callable[[Tensor], Tensor]
@@ -150,7 +151,9 @@ def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
         state = dict(zip(names, theta))
         state.update({n: b.clone() for n, b in zip(buffers, buffer_values)})
         loss = functional_call(wrapper, state, (loss_fn,), strict=False)
-        return _check_scalar(loss, "train_loss_fn")
+        # Inside the transform requires_grad means "depends on θ": a loss computed under
+        # no_grad or detached is named as such here, not later as a missing mixed term.
+        return require_graph(check_scalar(loss, "train_loss_fn"), "train_loss_fn")
 
     primals = tuple(p.detach() for p in params)
     grads, vjp_fn, loss = vjp(grad_and_value(loss_of, argnums=tuple(range(len(params)))), *primals, has_aux=True)
@@ -167,12 +170,10 @@ class _CapturedParameter(Exception):
     """The loss reads a model parameter through a captured reference."""
 
 
-def _check_scalar(loss, name: str) -> Tensor:
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(f"{name} must return a scalar tensor, got shape {tuple(loss.shape)}")
-    return loss.reshape(())
+def _autograd_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
+    loss = require_graph(check_scalar(loss_fn(model), "train_loss_fn"), "train_loss_fn")
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    return HessianVectorProduct.from_autograd(grads, params), loss
 
 
 def training_hvp(
@@ -184,34 +185,42 @@ def training_hvp(
         loss_fn: ``model ↦`` scalar training loss.
         model: the module; ``params`` must be among its parameters.
         params: the parameters θ, in the order of the flat vectors.
-        engine: ``"func"`` (falls back to ``"autograd"``, with a warning, if
-            torch.func cannot transform ``loss_fn`` or ``loss_fn`` reads captured
-            parameters; out-of-memory errors are raised, not retried) or ``"autograd"``.
+        engine: ``"func"`` or ``"autograd"``.  ``"func"`` falls back to
+            ``"autograd"``, with a warning, when ``loss_fn`` reads captured
+            parameters or torch.func fails to transform it.  A failure to
+            transform is a ``RuntimeError`` under the transform (an in-place
+            write to a captured tensor, ``.backward()``, an ``autograd.Function``
+            without ``setup_context``) that does not recur when ``loss_fn`` is
+            called plainly; the plain call is the fallback itself.  Any other
+            exception (out of memory, or the user's own: a ``ConnectionError``
+            from a data loader, a ``KeyError``) propagates at once, and an
+            exception from the plain call propagates without a fallback.
 
     Returns:
         ``(hvp, loss)``: the product object and the loss value (a scalar
-        tensor still connected to the hyperparameters).
+        tensor still connected to the hyperparameters); ``hvp.engine`` says
+        which engine built it.
 
     Raises:
-        TypeError / ValueError: ``loss_fn`` does not return a scalar tensor.
+        TypeError / ValueError: ``loss_fn`` does not return a scalar tensor, or
+            returns one without a graph to the parameters (computed under
+            ``no_grad``/``inference_mode``, or detached).
     """
     if engine not in ENGINES:
         raise ValueError(f"Invalid engine: {engine!r} (expected one of {ENGINES})")
-    if engine == "func":
-        try:
-            return _func_hvp(loss_fn, model, params)
-        except (TypeError, ValueError, torch.cuda.OutOfMemoryError):
-            raise
-        except _CapturedParameter:
-            reason = ("train_loss_fn reads model parameters through a captured reference instead of its model "
-                      "argument, which torch.func cannot swap")
-        except Exception as error:  # torch.func cannot transform the loss
-            reason = f"torch.func could not transform train_loss_fn ({type(error).__name__}: {error})"
-        warnings.warn(f"{reason}; falling back to engine='autograd' (slower on most models; train_loss_fn is "
-                      "called a second time for this step). Pass engine='autograd' to silence this.",
-                      UserWarning, stacklevel=3)
-    loss = _check_scalar(loss_fn(model), "train_loss_fn")
-    if not loss.requires_grad:
-        raise ValueError("train_loss_fn returned a tensor that does not require grad: compute it outside torch.no_grad()")
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    return HessianVectorProduct.from_autograd(grads, params), loss
+    if engine == "autograd":
+        return _autograd_hvp(loss_fn, model, params)
+    try:
+        return _func_hvp(loss_fn, model, params)
+    except _CapturedParameter:
+        reason = ("train_loss_fn reads model parameters through a captured reference instead of its model "
+                  "argument, which torch.func cannot swap")
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as error:  # possibly a limitation of the transform: confirmed below by a plain call
+        reason = f"torch.func could not transform train_loss_fn ({type(error).__name__}: {error})"
+    result = _autograd_hvp(loss_fn, model, params)
+    warnings.warn(f"{reason}; falling back to engine='autograd' (slower on most models; train_loss_fn was "
+                  "called a second time for this step). Pass engine='autograd' to silence this.",
+                  UserWarning, stacklevel=3)
+    return result

@@ -18,8 +18,9 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_hparams, check_model, check_scalar, require_graph
 from ._model import ModelSnapshot
-from .hvp import ENGINES, _check_scalar, flatten, training_hvp
+from .hvp import ENGINES, flatten, training_hvp
 from .ihvp import Solver, make_solver
 
 LossFn = Callable[[nn.Module], Tensor]
@@ -59,26 +60,15 @@ class Hypergradient(NamedTuple):
     info: HypergradInfo
 
 
-def _scalar(loss, name: str) -> Tensor:
-    loss = _check_scalar(loss, name)
-    if not loss.requires_grad:
-        raise ValueError(f"{name} returned a tensor that does not require grad: compute it from the model outside torch.no_grad()")
-    return loss
-
-
-def check_hparams(hparams: Sequence[Tensor], name: str = "hparams") -> list[Tensor]:
-    """Validate a flat list of hyperparameter tensors; return it as a list."""
-    hparams = list(hparams)
-    if not hparams:
-        raise ValueError(f"{name} is empty: expected at least one tensor to tune")
-    for i, h in enumerate(hparams):
-        if not isinstance(h, Tensor):
-            raise TypeError(f"{name}[{i}] is a {type(h).__name__}, expected a torch.Tensor")
-        if not h.requires_grad:
-            raise ValueError(f"{name}[{i}] does not require grad: create it with requires_grad=True")
-        if not h.is_leaf:
-            raise ValueError(f"{name}[{i}] is not a leaf tensor: pass the tensor you created, not an expression of it")
-    return hparams
+def _refuse_backward(snapshot: ModelSnapshot, n_params: int, name: str) -> None:
+    touched = snapshot.touched()
+    if touched:
+        i = touched[0]
+        what = f"model parameter {i}" if i < n_params else f"hparams[{i - n_params}]"
+        raise ValueError(
+            f"{name} called .backward() itself (it created a .grad on {what}): return the loss without calling "
+            "backward; the hypergradient differentiates it and needs its graph. Nothing was changed."
+        )
 
 
 def implicit_hypergradient(
@@ -132,9 +122,7 @@ def implicit_hypergradient(
     if engine not in ENGINES:
         raise ValueError(f"Invalid engine: {engine!r} (expected one of {ENGINES})")
     solver = make_solver(ihvp) if isinstance(ihvp, str) else ihvp
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no parameters with requires_grad=True: there is no inner problem to differentiate")
+    params = check_model(model)
     device = params[0].device
     for i, h in enumerate(hparams):
         if h.device != device:
@@ -145,16 +133,31 @@ def implicit_hypergradient(
             raise ValueError(f"hparams[{i}] is also a parameter of the model: an inner parameter cannot be its own hyperparameter")
 
     start = time.perf_counter()
-    snapshot = ModelSnapshot(model, params)
+    snapshot = ModelSnapshot(model, params, hparams)
+    calls = 0
+
+    def train_fn(m: nn.Module) -> Tensor:
+        # Every call of the training loss sees the model as found: the first after val_loss_fn
+        # ran, a second (the autograd fallback) after the failed torch.func attempt.  The
+        # first call may run inside functional_call, where restoring would undo its swap.
+        nonlocal calls
+        if calls:
+            snapshot.restore()
+        calls += 1
+        loss = train_loss_fn(m)
+        _refuse_backward(snapshot, len(params), "train_loss_fn")
+        return loss
+
     try:
         with torch.enable_grad():
-            val = _scalar(val_loss_fn(model), "val_loss_fn")
+            val = require_graph(check_scalar(val_loss_fn(model), "val_loss_fn"), "val_loss_fn")
+            _refuse_backward(snapshot, len(params), "val_loss_fn")
             direct = torch.autograd.grad(val, params + hparams, allow_unused=True)
-            # The training loss sees the model as found, whatever val_loss_fn did to
-            # it (model.eval() is common; BatchNorm in training mode updates buffers).
+            # The training loss sees the model as found, whatever val_loss_fn did to it
+            # (model.eval() is common; BatchNorm in training mode updates buffers; a clamp_).
             snapshot.restore()
             b = flatten(direct[: len(params)], params).detach()
-            hvp, train = training_hvp(train_loss_fn, model, params, engine)
+            hvp, train = training_hvp(train_fn, model, params, engine)
 
             # Solvers run without recording: an iterate with an autograd history
             # keeps every product's graph alive (and CG's in-place updates then
@@ -169,16 +172,18 @@ def implicit_hypergradient(
                     r = hvp(x) + solver.damping * x - b
                     res = r.norm() / b.norm()
             mixed = hvp.mixed(x, hparams)
-            for i, m in enumerate(mixed):
-                if m is None:
+            for i, (m, d) in enumerate(zip(mixed, direct[len(params):])):
+                # An hparam of g alone (∂²f/∂φ∂θ = 0) has the direct term ∂g/∂φ as its whole
+                # hypergradient; one in neither loss has none that implicit differentiation can give.
+                if m is None and d is None:
                     raise ValueError(
-                        f"hparams[{i}] does not enter the gradient of the training loss with respect to the model "
-                        "parameters, so implicit differentiation gives it no hypergradient. Optimizer settings such as "
-                        "the learning rate or momentum act only through the update rule: tune those with "
-                        "hyperopt_torch.unrolled instead."
+                        f"hparams[{i}] enters neither the gradient of the training loss with respect to the model "
+                        "parameters nor the validation loss, so implicit differentiation gives it no hypergradient. "
+                        "Optimizer settings such as the learning rate or momentum act only through the update "
+                        "rule: tune those with hyperopt_torch.unrolled instead."
                     )
             grads = tuple(
-                (d.detach() if d is not None else torch.zeros_like(h)) - m.detach()
+                (d.detach() if d is not None else torch.zeros_like(h)) - (m.detach() if m is not None else 0)
                 for d, m, h in zip(direct[len(params):], mixed, hparams)
             )
             checks = [torch.stack([torch.isfinite(g).all() for g in grads]).all().to(val.dtype), train.detach(), val.detach()]
@@ -186,7 +191,7 @@ def implicit_hypergradient(
                 checks.append(res.detach().to(val.dtype))
             finite, train_value, val_value, *rest = torch.stack(checks).tolist()  # the one sync
     finally:
-        snapshot.restore()
+        snapshot.close()
 
     info = HypergradInfo(
         solver=repr(solver),

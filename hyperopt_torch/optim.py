@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ._checks import check_hparams
 from .hvp import ENGINES
-from .hypergrad import HypergradInfo, Hypergradient, LossFn, check_hparams, implicit_hypergradient
-from .ihvp import Solver, make_solver
+from .hypergrad import HypergradInfo, Hypergradient, LossFn, implicit_hypergradient
+from .ihvp import RESULT_NEUTRAL, SOLVER_SETTINGS, Solver, make_solver, solver_config
 
 _NONFINITE = ("warn", "raise")
+_ALL_SETTINGS = {s for settings in SOLVER_SETTINGS.values() for s in settings}
 
 
-def _flat_hparams(groups: list) -> list[torch.Tensor]:
+def _tensors(params: list) -> list:
+    """The tensors of a params list, which may hold ``(name, tensor)`` pairs (``named_parameters()``)."""
+    return [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+
+
+def _flat_hparams(groups: list) -> list:
     """The tensors of ``groups``; like torch.optim, a group's ``params`` iterable (for
     example ``module.parameters()``, a generator) is stored back as a list first."""
     if groups and isinstance(groups[0], dict):
@@ -26,9 +35,60 @@ def _flat_hparams(groups: list) -> list[torch.Tensor]:
                 raise TypeError(f"hparams[{i}] is not a param-group dict with a 'params' entry")
             params = group["params"]
             group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
-            out.extend(group["params"])
+            out.extend(_tensors(group["params"]))
         return out
-    return groups
+    return _tensors(groups)
+
+
+def _check_base(base) -> None:
+    if not (isinstance(base, type) and issubclass(base, Optimizer)):
+        raise TypeError(f"base must be a torch.optim.Optimizer subclass such as torch.optim.Adam, got {base!r}")
+    if issubclass(base, HyperOptimizer):
+        raise TypeError("base cannot be a HyperOptimizer")
+    closure = inspect.signature(base.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"base={base.__name__} needs a closure that re-evaluates the loss at every step, and a hypergradient "
+            "step has none: use a first-order optimizer (torch.optim.Adam, SGD, RMSprop, ...)"
+        )
+    if issubclass(base, torch.optim.SparseAdam):
+        raise ValueError("base=SparseAdam updates from sparse gradients only, and hypergradients are dense: "
+                         "use torch.optim.Adam")
+
+
+def _split_keywords(ihvp, base: type, kwargs: dict) -> tuple[dict, dict]:
+    """Split ``HyperOptimizer``'s keywords into the solver's settings and ``base``'s arguments.
+
+    A keyword goes to the solver when it is in :data:`SOLVER_SETTINGS` for the
+    named solver, else to ``base``.  A keyword both take (Adadelta's ``rho``,
+    RMSprop's ``alpha`` with Neumann) is refused, as is a solver setting that
+    neither the chosen solver nor ``base`` takes.
+    """
+    takes = SOLVER_SETTINGS[ihvp] if isinstance(ihvp, str) else ()
+    signature = inspect.signature(base.__init__).parameters
+    base_takes = set(signature) - {"self", "params"}
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
+    solver, to_base, misplaced = {}, {}, []
+    for key, value in kwargs.items():
+        if key in takes and key in base_takes:
+            raise ValueError(
+                f"{key}={value!r} is ambiguous: it is a setting of ihvp={ihvp!r} and an argument of {base.__name__}. "
+                f"Pass the solver's as ihvp={make_solver(ihvp).__class__.__name__}({key}=...); {key}= then goes to "
+                f"{base.__name__}"
+            )
+        if key in takes:
+            solver[key] = value
+        elif key in _ALL_SETTINGS and key not in base_takes and not open_ended:
+            misplaced.append(key)
+        else:
+            to_base[key] = value
+    if misplaced and isinstance(ihvp, str):
+        applies = ", ".join(takes) if takes else "no settings"
+        raise ValueError(f"{', '.join(misplaced)} does not apply to ihvp={ihvp!r} (it takes {applies}) "
+                         f"and is not an argument of {base.__name__}")
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)} given together with the solver object {ihvp!r}: set them on the object")
+    return solver, to_base
 
 
 class HyperOptimizer(Optimizer):
@@ -47,19 +107,15 @@ class HyperOptimizer(Optimizer):
     inverse-Hessian-vector product comes from ``ihvp``.
 
     Args:
-        hparams: iterable of tensors or param-group dicts, as for any
+        hparams: iterable of tensors, of ``(name, tensor)`` pairs
+            (``module.named_parameters()``) or of param-group dicts, as for any
             ``torch.optim`` optimizer.  Leaf tensors with ``requires_grad=True``.
-        base: the ``torch.optim.Optimizer`` subclass that updates φ.
+        base: the ``torch.optim.Optimizer`` subclass that updates φ.  One whose
+            ``step`` needs a closure (``LBFGS``) or sparse gradients
+            (``SparseAdam``) is refused.
         ihvp: a solver object (:class:`Nystrom`, :class:`ConjugateGradient`,
             :class:`Neumann`, :class:`Identity`, :class:`Exact`) or its name
             ``"nystrom"``, ``"cg"``, ``"neumann"``, ``"identity"``, ``"exact"``.
-        rank, rho, chunk, sketch: Nyström's ``k``, ``ρ``, ``κ`` and test
-            matrix (only with ``ihvp="nystrom"``; defaults 10, 0.01, ``None``
-            = κ = k, ``"columns"``).  ``rho`` also sets the damping of
-            ``"cg"`` and ``"exact"``.
-        iters: ``l`` for ``ihvp="cg"`` or ``"neumann"`` (default 10).  For
-            Neumann's ``alpha`` pass a :class:`Neumann` object.
-        seed: seed of the generator that draws Nyström's random sketch.
         on_nonfinite: ``"warn"`` (default) or ``"raise"`` when a
             hypergradient or loss is not finite; either way nothing changes.
         residual: record ``‖(H + ρI)x − b‖/‖b‖`` in :attr:`last` (one HVP more).
@@ -67,21 +123,34 @@ class HyperOptimizer(Optimizer):
             products are computed (:mod:`hyperopt_torch.hvp`).  After one
             fallback from ``"func"`` to ``"autograd"`` the optimizer keeps
             using autograd.
-        **base_kwargs: passed to ``base`` (``lr``, ``momentum``, ...).
+        **settings_and_base_kwargs: with a solver name, the settings
+            :data:`~hyperopt_torch.ihvp.SOLVER_SETTINGS` lists for it go to the
+            solver (Nyström: ``rank``, ``rho``, ``chunk``, ``sketch``, ``seed``;
+            CG: ``iters``, ``rho``, ``tol``; Neumann: ``iters``, ``alpha``;
+            Exact: ``rho``); everything else goes to ``base`` (``lr``,
+            ``momentum``, ...).
 
     Raises:
         TypeError / ValueError at construction for empty or non-tensor
-        hparams, hparams that do not require grad, an invalid solver setting
-        (``rank < 1``, ``rho <= 0``, ``chunk`` outside ``1..rank``), an unknown
-        ``ihvp`` name, or a ``base`` that is not an optimizer class.
+        hparams, hparams that do not require grad, an invalid solver setting,
+        a solver setting that does not apply to the chosen solver, a keyword
+        that is both a setting of the chosen solver and an argument of
+        ``base`` (Adadelta's ``rho``: pass ``ihvp=Nystrom(rho=...)``, then
+        ``rho=`` goes to Adadelta), an unknown ``ihvp`` name, or a ``base``
+        that is not a usable optimizer class.
 
     Use ``step(train_loss_fn, val_loss_fn, model)`` to compute the
     hypergradient, store it in each hparam's ``.grad`` (replacing what was
     there) and update; or ``accumulate(...)`` per task then ``step()`` for a
     meta-batch; or :meth:`hypergradient` for the numbers alone.
-    ``param_groups`` and ``state`` are the base optimizer's own, so
-    ``torch.optim.lr_scheduler`` drives it; ``state_dict()`` also holds the
-    sketch generator, so a resumed run continues identically.
+
+    The shell holds the base optimizer as :attr:`base` and delegates
+    ``param_groups``, ``state``, ``defaults``, ``zero_grad``, ``add_param_group``
+    and the hook registrations to it, as torch.distributed.optim's wrappers
+    do; it relies on no private attribute of ``torch.optim.Optimizer``, so
+    ``copy.deepcopy``, ``pickle`` and ``torch.optim.lr_scheduler`` work.
+    ``state_dict()`` is the base's plus a ``"hyperopt"`` entry (solver name,
+    settings and state).
 
     Example::
 
@@ -90,41 +159,32 @@ class HyperOptimizer(Optimizer):
         hopt.step(train_loss_fn, val_loss_fn, model)
     """
 
+    # torch.amp.GradScaler calls step() directly instead of unscaling .grad first:
+    # hypergradients come from unscaled losses, so there is nothing to unscale.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         hparams,
         base: type[Optimizer] = torch.optim.Adam,
         ihvp: Solver | str = "nystrom",
         *,
-        rank: int | None = None,
-        rho: float | None = None,
-        chunk: int | None = None,
-        sketch: str | None = None,
-        iters: int | None = None,
-        seed: int = 0,
         on_nonfinite: str = "warn",
         residual: bool = False,
         engine: str = "func",
-        **base_kwargs: Any,
+        **settings_and_base_kwargs: Any,
     ):
         if isinstance(hparams, torch.Tensor):
             raise TypeError("hparams must be an iterable of tensors or param-group dicts, got a single tensor: wrap it in a list")
         groups = list(hparams)
         check_hparams(_flat_hparams(groups))
-        if not (isinstance(base, type) and issubclass(base, Optimizer)):
-            raise TypeError(f"base must be a torch.optim.Optimizer subclass such as torch.optim.Adam, got {base!r}")
-        if issubclass(base, HyperOptimizer):
-            raise TypeError("base cannot be a HyperOptimizer")
-        settings = dict(rank=rank, rho=rho, chunk=chunk, sketch=sketch, iters=iters)
+        _check_base(base)
         if isinstance(ihvp, str):
-            self.solver = make_solver(ihvp, **settings)
-        elif callable(getattr(ihvp, "solve", None)):
-            given = [k for k, v in settings.items() if v is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)} given together with the solver object {ihvp!r}: set them on the object")
-            self.solver = ihvp
-        else:
+            make_solver(ihvp)  # an unknown name is named before the keywords are sorted
+        elif not callable(getattr(ihvp, "solve", None)):
             raise ValueError(f"Invalid ihvp: {ihvp!r} (expected a solver name or an object with a solve() method)")
+        settings, base_kwargs = _split_keywords(ihvp, base, settings_and_base_kwargs)
+        self.solver = make_solver(ihvp, **settings) if isinstance(ihvp, str) else ihvp
         if on_nonfinite not in _NONFINITE:
             raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (expected 'warn' or 'raise')")
         self.on_nonfinite = on_nonfinite
@@ -132,89 +192,114 @@ class HyperOptimizer(Optimizer):
         if engine not in ENGINES:
             raise ValueError(f"Invalid engine: {engine!r} (expected one of {', '.join(map(repr, ENGINES))})")
         self.engine = engine
-        self.generator = torch.Generator().manual_seed(seed)
+        self.base = base(groups, **base_kwargs)
         self.last: HypergradInfo | None = None
 
-        # Optimizer.__init__ sets up hooks and validates the groups into
-        # throwaway lists; from then on param_groups/state are the base's.
-        super().__init__(groups, {})
-        self.base = base(groups, **base_kwargs)
-        del self.__dict__["_own_param_groups"], self.__dict__["_own_state"]
-        self.defaults = self.base.defaults
-
-    # -- the torch.optim surface, shared with the base optimizer ---------------
+    # -- the torch.optim surface, delegated to the base optimizer ---------------
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        base = self.__dict__.get("base")
-        return base.param_groups if base is not None else self.__dict__["_own_param_groups"]
-
-    @param_groups.setter
-    def param_groups(self, value) -> None:
-        base = self.__dict__.get("base")
-        if base is not None:
-            base.param_groups = value
-        else:
-            self.__dict__["_own_param_groups"] = value
+        return self.base.param_groups
 
     @property
     def state(self):
-        base = self.__dict__.get("base")
-        return base.state if base is not None else self.__dict__["_own_state"]
+        return self.base.state
 
-    @state.setter
-    def state(self, value) -> None:
-        base = self.__dict__.get("base")
-        if base is not None:
-            base.state = value
-        else:
-            self.__dict__["_own_state"] = value
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.base.defaults
 
     @property
     def hparams(self) -> list[torch.Tensor]:
         """All hyperparameter tensors, in param-group order."""
         return [p for group in self.param_groups for p in group["params"]]
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        base = self.__dict__.get("base")
-        if base is None:
-            super().add_param_group(param_group)
-        else:
-            check_hparams(_flat_hparams([param_group]), name="param_group['params']")
-            base.add_param_group(param_group)
+        check_hparams(_flat_hparams([param_group]), name="param_group['params']")
+        self.base.add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        # An lr scheduler replaces ``step`` on the instance by a wrapper bound to this
+        # object (and not picklable); a copy keeps the class's own step.
+        state.pop("step", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's ``state_dict()`` plus a ``"hyperopt"`` entry (generator state)."""
+        """The base optimizer's ``state_dict()`` plus ``"hyperopt"``: ``{"name", "settings", "solver_state"}``.
+
+        ``name`` and ``settings`` describe the solver (:func:`~hyperopt_torch.ihvp.solver_config`);
+        ``solver_state`` is the solver's own ``state_dict()`` (Nyström's
+        generator state), ``None`` for a solver without state.
+        """
         out = self.base.state_dict()
-        out["hyperopt"] = {"generator": self.generator.get_state()}
+        out["hyperopt"] = {**solver_config(self.solver), "solver_state": self._solver_state()}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; refuses one written with another solver or other settings.
+
+        Settings that do not change the result (Nyström's ``chunk`` and
+        ``seed``) may differ.  To carry only the base optimizer's state over to
+        another solver: ``hopt.base.load_state_dict(sd)`` after
+        ``sd.pop("hyperopt")``.
+
+        Raises:
+            ValueError: no ``"hyperopt"`` entry, or a different solver or
+                setting (each difference is named); nothing is loaded.
+        """
         state_dict = dict(state_dict)
-        extra = state_dict.pop("hyperopt", None)
+        entry = state_dict.pop("hyperopt", None)
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ValueError("state_dict has no 'hyperopt' entry with the solver's name: it was not written by "
+                             "HyperOptimizer.state_dict() (load a base optimizer's state with hopt.base.load_state_dict)")
+        mine = solver_config(self.solver)
+        if entry["name"] != mine["name"]:
+            raise ValueError(f"the checkpoint was written with ihvp={entry['name']!r} {entry['settings']}, this optimizer "
+                             f"uses ihvp={mine['name']!r} {mine['settings']}: build it with the checkpoint's solver")
+        differ = [f"{k}: {entry['settings'].get(k)!r} in the checkpoint, {v!r} here"
+                  for k, v in mine["settings"].items() if k not in RESULT_NEUTRAL and entry["settings"].get(k) != v]
+        if differ:
+            raise ValueError(f"the checkpoint's {mine['name']} solver has other settings ({'; '.join(differ)}): "
+                             "build the optimizer with the checkpoint's settings")
         self.base.load_state_dict(state_dict)
-        if extra is not None:
-            self.generator.set_state(extra["generator"])
+        if entry.get("solver_state") is not None:
+            self.solver.load_state_dict(entry["solver_state"])
+
+    def _solver_state(self):
+        save = getattr(self.solver, "state_dict", None)
+        return copy.deepcopy(save()) if callable(save) else None
+
+    def _restore_solver(self, state) -> None:
+        if state is not None:
+            self.solver.load_state_dict(state)
 
     # -- hypergradients -------------------------------------------------------
     def hypergradient(self, train_loss_fn: LossFn, val_loss_fn: LossFn, model: nn.Module) -> Hypergradient:
         """Compute ``Hypergradient(grads, info)`` with this optimizer's solver, touching no ``.grad``.
 
-        See :func:`~hyperopt_torch.implicit_hypergradient`.  Draws from this
-        optimizer's generator (restored if the result is not finite).
+        See :func:`~hyperopt_torch.implicit_hypergradient`.  Advances the
+        solver's state (Nyström's generator); rolled back if the result is not
+        finite or an error is raised.
         """
-        saved = self.generator.get_state()
+        saved = self._solver_state()
         try:
             result = implicit_hypergradient(
                 self.hparams, train_loss_fn, val_loss_fn, model, self.solver,
-                generator=self.generator, residual=self.residual, engine=self.engine,
+                residual=self.residual, engine=self.engine,
             )
         except BaseException:
-            self.generator.set_state(saved)
+            self._restore_solver(saved)
             raise
         self.last = result.info
         self.engine = result.info.engine  # a loss torch.func cannot transform will not become transformable
         if result.info.skipped:
-            self.generator.set_state(saved)
+            self._restore_solver(saved)
             message = (
                 f"non-finite hypergradient or loss (train {result.info.train_loss}, val {result.info.val_loss}) "
                 f"with {result.info.solver}: the step was skipped and nothing was changed"
@@ -236,6 +321,29 @@ class HyperOptimizer(Optimizer):
                 h.grad = g if h.grad is None else h.grad + g
         return info
 
+    def _update(self, apply: Callable[[], None], solver_state) -> None:
+        """Run ``apply`` (which sets ``.grad`` and steps the base) as one transaction.
+
+        If it raises, the hparams' values and ``.grad``, the base optimizer's
+        state and ``solver_state`` are put back: one copy of the hparams and of
+        the base's state is made per step.
+        """
+        hparams = self.hparams
+        grads = [h.grad for h in hparams]
+        values = [h.detach().clone() for h in hparams]
+        base_state = copy.deepcopy(self.base.state_dict())
+        try:
+            apply()
+        except BaseException:
+            with torch.no_grad():
+                for h, v in zip(hparams, values):
+                    h.copy_(v)
+            for h, g in zip(hparams, grads):
+                h.grad = g
+            self.base.load_state_dict(base_state)
+            self._restore_solver(solver_state)
+            raise
+
     def step(self, train_loss_fn: LossFn | None = None, val_loss_fn: LossFn | None = None,
              model: nn.Module | None = None) -> HypergradInfo | None:
         """Update the hyperparameters.
@@ -246,20 +354,45 @@ class HyperOptimizer(Optimizer):
         the :class:`HypergradInfo` (also in :attr:`last`).  A non-finite
         result changes nothing (warning, or ``FloatingPointError`` with
         ``on_nonfinite="raise"``).  With no arguments: one base-optimizer step
-        on the gradients already in ``.grad``; returns ``None``.
+        on the gradients already in ``.grad``; returns ``None``.  Either way
+        an exception from the base optimizer's step leaves the hparams, their
+        ``.grad``, the base's state and the solver's state as they were.
+
+        Through ``torch.amp.GradScaler`` (``scaler.step(hopt, ...)``) the step
+        is the same: hypergradients are never scaled, so nothing is unscaled.
         """
         args = (train_loss_fn, val_loss_fn, model)
         if all(a is None for a in args):
-            self.base.step()
+            self._update(self.base.step, None)
             return None
         if any(a is None for a in args):
             raise TypeError("step() takes either no arguments or all of train_loss_fn, val_loss_fn and model")
+        solver_state = self._solver_state()
         grads, info = self.hypergradient(train_loss_fn, val_loss_fn, model)
         if not info.skipped:
-            for h, g in zip(self.hparams, grads):
-                h.grad = g
-            self.base.step()
+            def apply() -> None:
+                for h, g in zip(self.hparams, grads):
+                    h.grad = g
+                self.base.step()
+
+            self._update(apply, solver_state)
         return info
 
     def __repr__(self) -> str:
         return f"HyperOptimizer(base={type(self.base).__name__}, ihvp={self.solver!r})"
+
+
+def _delegate(name: str):
+    def method(self, hook, *args, **kwargs):
+        return getattr(self.base, name)(hook, *args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = (f"``base.{name}(hook)``: the hook runs with the base optimizer as its first argument, "
+                      "around the base optimizer's own update or checkpoint.")
+    return method
+
+
+for _name in ("register_step_pre_hook", "register_step_post_hook", "register_state_dict_pre_hook",
+              "register_state_dict_post_hook", "register_load_state_dict_pre_hook",
+              "register_load_state_dict_post_hook"):
+    setattr(HyperOptimizer, _name, _delegate(_name))

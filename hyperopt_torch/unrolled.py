@@ -52,8 +52,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._checks import check_hparams, check_scalar, require_graph
 from ._model import LossCall, ModelSnapshot, reaches
-from .hypergrad import LossFn, _scalar, check_hparams
+from .hypergrad import LossFn
 from .ihvp._validate import positive_int
 
 __all__ = [
@@ -357,7 +358,7 @@ def unrolled_hypergradient(
     call = LossCall(model)
 
     def loss_at(fn: LossFn, theta: list[Tensor], what: str) -> Tensor:
-        loss = _scalar(functional_call(call, dict(zip(names, theta)), (fn,)), what)
+        loss = require_graph(check_scalar(functional_call(call, dict(zip(names, theta)), (fn,)), what), what)
         # Searched only up to θ_t: the graph behind it (the earlier steps) was searched when it was
         # built, and searching it again would make the unroll O(T²).  Every call is searched, since
         # a loss function may read a captured reference on some calls only.
@@ -399,7 +400,7 @@ def unrolled_hypergradient(
                     p.copy_(x)
         done = True
     finally:
-        snapshot.restore(buffers=not (done and write_back))
+        snapshot.close(values=not (done and write_back))
 
     info = UnrolledInfo(
         steps=steps,

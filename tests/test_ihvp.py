@@ -247,8 +247,8 @@ def test_exact_solves_and_refuses_large_problems():
     assert rel(exact_solve(mv, b, batch=16), torch.linalg.solve(A, b)) < 1e-10
     assert mv.calls == 40
     assert rel(Exact(rho=0.5).solve(Counted(A), b), damped_solve(A, b, 0.5)) < 1e-12
-    with pytest.raises(ValueError, match="max_params"):
-        Exact(max_params=10).solve(Counted(A), b)
+    with pytest.raises(ValueError, match="needs about .* GiB .*max_memory"):
+        Exact(max_memory=40 * 40 * 56 - 1).solve(Counted(A), b)
 
 
 # --- validation -----------------------------------------------------------------------------------

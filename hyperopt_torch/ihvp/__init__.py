@@ -31,42 +31,62 @@ class Solver(Protocol):
     def solve(self, matvec: Matvec, b: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
 
 
-_SOLVERS = {
-    "nystrom": (Nystrom, ("rank", "rho", "chunk", "sketch")),
-    "cg": (ConjugateGradient, ("iters", "rho")),
-    "neumann": (Neumann, ("iters", "alpha")),
-    "identity": (Identity, ()),
-    "exact": (Exact, ("rho",)),
+# The one table of which solver takes which setting by keyword.  make_solver,
+# HyperOptimizer's keywords, its checkpoint entry, the recipes' flags
+# (recipes/common.py) and the table in docs/api.md are all derived from it
+# (tests/test_optim.py checks the docs).  A solver object takes more (Exact's
+# max_memory and batch).
+SOLVER_SETTINGS: dict[str, tuple[str, ...]] = {
+    "nystrom": ("rank", "rho", "chunk", "sketch", "seed"),
+    "cg": ("iters", "rho", "tol"),
+    "neumann": ("iters", "alpha"),
+    "identity": (),
+    "exact": ("rho",),
 }
-SOLVER_NAMES = tuple(_SOLVERS)
+_CLASSES = {"nystrom": Nystrom, "cg": ConjugateGradient, "neumann": Neumann, "identity": Identity, "exact": Exact}
+SOLVER_NAMES = tuple(SOLVER_SETTINGS)
+# Settings that do not change what a solver computes (κ trades memory for HVPs
+# with the same result up to rounding, Section 2.4; a seed is superseded by the
+# generator state a checkpoint restores): a checkpoint may move between solvers that differ only in these.
+RESULT_NEUTRAL = ("chunk", "seed")
 
 
 def make_solver(name: str, **settings) -> Solver:
-    """Build a solver from its name and the settings that apply to it.
+    """Build a solver from its name and the settings that apply to it (:data:`SOLVER_SETTINGS`).
 
     ``name`` is one of ``"nystrom"`` (settings ``rank``, ``rho``, ``chunk``,
-    ``sketch``), ``"cg"`` (``iters``, ``rho`` as damping), ``"neumann"``
-    (``iters``, ``alpha``), ``"identity"`` (none) or ``"exact"`` (``rho`` as
-    damping).  Settings given as ``None`` are ignored (the solver's default
-    applies).
+    ``sketch``, ``seed``), ``"cg"`` (``iters``, ``rho`` as damping, ``tol``),
+    ``"neumann"`` (``iters``, ``alpha``), ``"identity"`` (none) or ``"exact"``
+    (``rho`` as damping).  Settings given as ``None`` are ignored (the
+    solver's default applies).
 
     Raises:
         ValueError: an unknown name, a setting that does not apply to this
             solver, or an invalid value.
     """
-    if not isinstance(name, str) or name not in _SOLVERS:
+    if not isinstance(name, str) or name not in SOLVER_SETTINGS:
         raise ValueError(f"Invalid ihvp: {name!r} (expected one of {', '.join(map(repr, SOLVER_NAMES))} or a solver object)")
-    cls, allowed = _SOLVERS[name]
+    allowed = SOLVER_SETTINGS[name]
     given = {k: v for k, v in settings.items() if v is not None}
     extra = sorted(set(given) - set(allowed))
     if extra:
         applies = ", ".join(allowed) if allowed else "no settings"
         raise ValueError(f"{', '.join(extra)} does not apply to ihvp={name!r} (it takes {applies})")
-    return cls(**given)
+    return _CLASSES[name](**given)
+
+
+def solver_config(solver) -> dict:
+    """``{"name": ..., "settings": {...}}`` of a solver, as recorded in a checkpoint.
+
+    The settings are the solver's values of its :data:`SOLVER_SETTINGS` entries
+    (a custom solver, whose ``name`` is not in the table, records none).
+    """
+    name = getattr(solver, "name", type(solver).__name__)
+    return {"name": name, "settings": {k: getattr(solver, k) for k in SOLVER_SETTINGS.get(name, ())}}
 
 
 __all__ = [
-    "Solver", "make_solver", "SOLVER_NAMES",
+    "Solver", "make_solver", "SOLVER_NAMES", "SOLVER_SETTINGS", "solver_config",
     "Nystrom", "ConjugateGradient", "Neumann", "Identity", "Exact",
     "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "neumann_solve", "identity_solve", "exact_solve",
     "sample_columns",

@@ -57,6 +57,7 @@ References:
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import torch
@@ -284,15 +285,21 @@ class Nystrom:
             Algorithm 1.  All give the same result up to rounding.
         sketch: ``"columns"`` (random Hessian columns, the paper) or
             ``"gaussian"`` (randomized Nyström with a Gaussian test matrix).
+        seed: seed of the solver's own CPU ``torch.Generator``
+            (:attr:`generator`), from which each :meth:`solve` draws its sketch
+            unless a generator is passed to it.  :meth:`state_dict` /
+            :meth:`load_state_dict` save and restore it, so a resumed run
+            draws the same sketches.
 
     Raises:
-        ValueError: ``rank < 1``, ``rho <= 0``, ``chunk`` outside ``1..rank``
-            or an unknown ``sketch``.
+        ValueError: ``rank < 1``, ``rho <= 0``, ``chunk`` outside ``1..rank``,
+            an unknown ``sketch`` or a ``seed`` that is not an integer.
     """
 
     name = "nystrom"
 
-    def __init__(self, rank: int = 10, rho: float = 0.01, chunk: int | None = None, sketch: str = "columns"):
+    def __init__(self, rank: int = 10, rho: float = 0.01, chunk: int | None = None, sketch: str = "columns",
+                 seed: int = 0):
         self.rank = positive_int("rank", rank)
         self.rho = positive_float("rho", rho)
         if chunk is not None:
@@ -303,13 +310,26 @@ class Nystrom:
         if sketch not in SKETCHES:
             raise ValueError(f"Invalid sketch: {sketch!r} (expected one of {', '.join(map(repr, SKETCHES))})")
         self.sketch = sketch
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"Invalid seed: {seed!r} (expected an integer)")
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     @property
     def damping(self) -> float:
         return self.rho
 
     def solve(self, matvec: Matvec, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return nystrom_solve(matvec, b, self.rank, self.rho, self.chunk, self.sketch, generator)
+        """``(H_k + ρI)⁻¹ b``, the sketch drawn from ``generator``, or from :attr:`generator` when ``None``."""
+        return nystrom_solve(matvec, b, self.rank, self.rho, self.chunk, self.sketch,
+                             self.generator if generator is None else generator)
+
+    def state_dict(self) -> dict:
+        """``{"generator": state}``: the state of :attr:`generator` (a CPU uint8 tensor)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.generator.set_state(state_dict["generator"])
 
     def __repr__(self) -> str:
         return f"Nystrom(rank={self.rank}, rho={self.rho}, chunk={self.chunk}, sketch={self.sketch!r})"

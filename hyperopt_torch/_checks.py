@@ -1,0 +1,79 @@
+"""Checks of user input shared by the hypergradient functions and HyperOptimizer.
+
+Each raises ``TypeError`` or ``ValueError`` naming the argument and what was
+expected, before any work is done.  (The solvers' own constructor checks live in
+:mod:`hyperopt_torch.ihvp._validate`, so that ``ihvp`` stays a leaf.)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def check_hparams(hparams: Sequence[Tensor], name: str = "hparams") -> list[Tensor]:
+    """Validate a flat list of hyperparameter tensors; return it as a list."""
+    hparams = list(hparams)
+    if not hparams:
+        raise ValueError(f"{name} is empty: expected at least one tensor to tune")
+    for i, h in enumerate(hparams):
+        if not isinstance(h, Tensor):
+            raise TypeError(f"{name}[{i}] is a {type(h).__name__}, expected a torch.Tensor")
+        if not h.requires_grad:
+            raise ValueError(f"{name}[{i}] does not require grad: create it with requires_grad=True")
+        if not h.is_leaf:
+            raise ValueError(f"{name}[{i}] is not a leaf tensor: pass the tensor you created, not an expression of it")
+    return hparams
+
+
+def check_scalar(loss, name: str) -> Tensor:
+    """``loss`` as a 0-d tensor; ``TypeError`` if it is not a tensor, ``ValueError`` if it has more than one element."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"{name} must return a scalar tensor, got shape {tuple(loss.shape)}")
+    return loss.reshape(())
+
+
+def require_graph(loss: Tensor, name: str) -> Tensor:
+    """``ValueError`` if ``loss`` has no autograd graph to the model parameters, naming the likely cause.
+
+    Under the ``"func"`` engine this is checked inside the transform, where
+    ``requires_grad`` means "depends on θ"; a loss whose value has no graph was
+    computed under ``torch.no_grad()`` / ``torch.inference_mode()``, or detached.
+    """
+    if loss.requires_grad:
+        return loss
+    if loss.is_inference():
+        cause = "it was computed under torch.inference_mode(): compute it outside inference_mode"
+    else:
+        cause = ("it was computed under torch.no_grad() or detached (.detach(), .item(), a NumPy round trip): "
+                 "compute it from the model with autograd enabled")
+    raise ValueError(f"{name} returned a tensor with no autograd graph to the model parameters; {cause}")
+
+
+def check_model(model: nn.Module) -> list[Tensor]:
+    """The model's parameters with ``requires_grad``; ``ValueError`` for none, or for a sparse-gradient embedding.
+
+    ``nn.Embedding(sparse=True)`` / ``nn.EmbeddingBag(sparse=True)`` produce
+    sparse gradients, which autograd cannot differentiate a second time, so no
+    Hessian-vector product exists for them.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameters with requires_grad=True: there is no inner problem to differentiate")
+    for name, module in model.named_modules():
+        if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)) \
+                and module.weight.requires_grad:
+            raise ValueError(
+                f"model.{name or '<root>'} is a {type(module).__name__} with sparse=True: its sparse gradients cannot "
+                "be differentiated a second time, which Hessian-vector products need; construct it with sparse=False"
+            )
+    return params
+
+
+__all__ = ["check_hparams", "check_scalar", "require_graph", "check_model"]
