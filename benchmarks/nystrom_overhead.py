@@ -185,7 +185,7 @@ def main(argv=None) -> dict:
 
     # Agreement check: same index set, so the two hypergradients must match.
     ours = hopt.hypergradient(train_loss, val_loss, model).grads
-    hopt.generator.manual_seed(0)
+    hopt.solver.generator.manual_seed(0)
     ref = reference_fn(model, log_decay, data, args.rank, args.rho, torch.Generator().manual_seed(0))
     agreement = (flatten(ours, log_decay) - flatten(ref, log_decay)).norm() / flatten(ref, log_decay).norm()
 

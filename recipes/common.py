@@ -21,17 +21,14 @@ import torch
 from tqdm import tqdm
 
 from hyperopt_torch import make_solver
+from hyperopt_torch.ihvp import SOLVER_SETTINGS
+from hyperopt_torch.ihvp.nystrom import SKETCHES
 
 from .data import DatasetMissing
 
-# Which common flags each solver reads; make_solver rejects any other keyword.
-SOLVER_FLAGS = {
-    "nystrom": ("rank", "rho", "chunk"),
-    "cg": ("iters", "rho"),
-    "neumann": ("iters", "alpha"),
-    "identity": (),
-    "exact": ("rho",),
-}
+# Which flags each solver reads: the library's one settings table (every setting is a flag of
+# make_parser, with "--seed" serving Nyström's seed; tests/test_recipes_common.py checks this).
+SOLVER_FLAGS = SOLVER_SETTINGS
 SOLVERS = tuple(SOLVER_FLAGS)
 
 # Flags that may change between a run and its --resume: they do not change the result.
@@ -88,6 +85,10 @@ def make_parser(prog: str, description: str, *, outer_steps: int, rank: int, rho
                         help="Nyström columns held at once [κ], 1..rank; default rank (time-efficient)")
     solver.add_argument("--iters", type=positive_int, default=iters, help="cg / Neumann iterations [l]")
     solver.add_argument("--alpha", type=positive_float, default=alpha, help="Neumann step size [α]")
+    solver.add_argument("--sketch", choices=SKETCHES, default="columns",
+                        help="Nyström test matrix Ω: random Hessian columns (the paper) or Gaussian")
+    solver.add_argument("--tol", type=positive_float, default=None,
+                        help="cg: stop once ‖r‖ ≤ tol·‖b‖; default run all --iters iterations")
     run = parser.add_argument_group("run")
     run.add_argument("--outer-steps", type=positive_int, default=outer_steps, help="budget: hyperparameter updates")
     run.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sketches")
@@ -101,15 +102,20 @@ def make_parser(prog: str, description: str, *, outer_steps: int, rank: int, rho
     return parser
 
 
-def solver_from_args(args: argparse.Namespace, name: str | None = None):
+def solver_from_args(args: argparse.Namespace, name: str | None = None, **overrides):
     """``make_solver(name, ...)`` with only the flags that apply to ``name`` (default ``args.ihvp``).
+
+    ``overrides`` replace flag values where the solver takes that setting (a
+    recipe running several seeds passes ``seed=`` for Nyström's sketches) and
+    are ignored where it does not.
 
     Raises:
         RecipeError: an invalid combination, e.g. ``--chunk`` larger than ``--rank``.
     """
     name = name or args.ihvp
+    values = {**vars(args), **overrides}
     try:
-        return make_solver(name, **{flag: getattr(args, flag) for flag in SOLVER_FLAGS[name]})
+        return make_solver(name, **{flag: values[flag] for flag in SOLVER_FLAGS[name]})
     except ValueError as error:
         raise RecipeError(str(error)) from None
 

@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
     theta_init = {k: v.clone() for k, v in model.state_dict().items()}
     labels = torch.arange(10, device=device).repeat_interleave(args.per_class)
     images = torch.randn(len(labels), 1, 28, 28, device=device, requires_grad=True)
-    hopt = HyperOptimizer([images], base=torch.optim.Adam, ihvp=solver, lr=args.outer_lr, seed=args.seed)
+    hopt = HyperOptimizer([images], base=torch.optim.Adam, ihvp=solver, lr=args.outer_lr)
     batches = torch.Generator().manual_seed(args.seed)
 
     checkpoint = common.Checkpoint(out, f"{args.ihvp}-seed{args.seed}", resume=args.resume)

@@ -125,8 +125,8 @@ def run(args: argparse.Namespace, method: str, seed: int, device: torch.device, 
     theta_init = {k: v.clone() for k, v in model.state_dict().items()}
     init_decay = INIT_DECAY[args.model] if args.init_decay is None else args.init_decay
     decay = [torch.full_like(p, init_decay, requires_grad=True) for p in model.parameters()]
-    hopt = HyperOptimizer(decay, base=torch.optim.SGD, ihvp=common.solver_from_args(args, method),
-                          lr=args.outer_lr, momentum=args.momentum, seed=seed)
+    hopt = HyperOptimizer(decay, base=torch.optim.SGD, ihvp=common.solver_from_args(args, method, seed=seed),
+                          lr=args.outer_lr, momentum=args.momentum)
 
     checkpoint = common.Checkpoint(out, f"{method}-seed{seed}", resume=args.resume)
     curves = {name: [] for name in CURVES}

@@ -1,5 +1,7 @@
 """implicit_hypergradient against exact hypergradients, and its guarantees about the model."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -394,3 +396,190 @@ def test_param_groups_of_a_module_step_by_their_own_learning_rates():
     for name, p in wnet.named_parameters():
         lr = 1.0 if name.startswith("0.") else 0.25
         assert rel(before[name] - p.detach(), lr * exact[name]) < 1e-9, name
+
+
+# --- nothing changed: what user losses do to the model (issue 8, B) ------------------------------
+
+def _state(model):
+    return ([p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()],
+            [p.grad for p in model.parameters()], [p.grad.clone() if p.grad is not None else None for p in model.parameters()])
+
+
+def _assert_state(model, state):
+    params, buffers, grad_objects, grad_values = state
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert all(g is p.grad for g, p in zip(grad_objects, model.parameters()))
+    assert all(v is None or torch.equal(v, p.grad) for v, p in zip(grad_values, model.parameters()))
+
+
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+def test_parameter_writes_inside_the_losses_are_undone_and_unseen_by_the_training_loss(ridge, engine):
+    """clamp_ in the validation loss and w.add_() in the training loss write the real parameters
+    (with the func engine the primals share their storage); both are undone, and the training loss
+    sees the model as found."""
+    found = ridge.model.weight.detach().clone()
+    seen = []
+
+    def train(m):
+        seen.append(torch.equal(m.weight, found))
+        with torch.no_grad():
+            m.weight.add_(1.0)
+        return ridge.train_loss(m)
+
+    def val(m):
+        with torch.no_grad():
+            m.weight.clamp_(-0.01, 0.01)  # a projection onto a box
+        return ridge.val_loss(m)
+
+    before = _state(ridge.model)
+    _, info = implicit_hypergradient([ridge.phi], train, val, ridge.model, Exact(), engine=engine)
+    _assert_state(ridge.model, before)
+    assert info.engine == engine and seen == [True]
+
+
+def test_embedding_max_norm_renormalisation_is_undone():
+    """nn.Embedding(max_norm=...) renormalises the rows it looks up, in place, during forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5), nn.Flatten(), nn.Linear(12, 1)).to(DT)
+    with torch.no_grad():
+        model[0].weight.mul_(10)  # every row longer than max_norm
+    idx = torch.randint(0, 10, (16, 3))
+    decay = torch.zeros(1, dtype=DT, requires_grad=True)
+    train = lambda m: m(idx).pow(2).mean() + decay.exp() * (m[2].weight ** 2).sum()
+    val = lambda m: m(idx[:4]).mean()
+    before = _state(model)
+    implicit_hypergradient([decay], train, val, model, ConjugateGradient(iters=3))
+    _assert_state(model, before)
+
+
+class _RunningMean(nn.Module):
+    """A buffer re-assigned in forward, not updated in place: the module attribute changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1).to(DT)
+        self.register_buffer("mean", torch.zeros(3, dtype=DT))
+
+    def forward(self, x):
+        self.mean = 0.9 * self.mean + 0.1 * x.mean(0).detach()
+        return self.lin(x - self.mean)
+
+
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+def test_reassigned_buffer_is_put_back_as_the_original_object(engine):
+    torch.manual_seed(0)
+    model = _RunningMean()
+    x = torch.randn(20, 3, dtype=DT)
+    decay = torch.zeros(1, dtype=DT, requires_grad=True)
+    original = model.mean
+    train = lambda m: m(x).pow(2).mean() + decay.exp() * (m.lin.weight ** 2).sum()
+    implicit_hypergradient([decay], train, lambda m: m(x + 1).mean(), model, Exact(), engine=engine)
+    assert model.mean is original and torch.equal(original, torch.zeros(3, dtype=DT))
+    assert dict(model.named_buffers())["mean"] is original
+
+
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_loss_calling_backward_is_refused_with_every_grad_untouched(ridge, engine, which):
+    """A loss that calls .backward() would add into the parameters' and hparams' existing .grad."""
+    def calls_backward(fn):
+        def loss(m):
+            out = fn(m)
+            out.backward(retain_graph=True)
+            return out
+        return loss
+
+    ridge.model.weight.grad = torch.full_like(ridge.model.weight, 3.0)
+    ridge.phi.grad = torch.full_like(ridge.phi, 5.0)
+    phi_grad = ridge.phi.grad
+    before = _state(ridge.model)
+    train = calls_backward(ridge.train_loss) if which == "train" else ridge.train_loss
+    val = calls_backward(ridge.val_loss) if which == "val" else ridge.val_loss
+    with pytest.raises(ValueError, match=f"{which}_loss_fn called .backward"):
+        implicit_hypergradient([ridge.phi], train, val, ridge.model, Exact(), engine=engine)
+    _assert_state(ridge.model, before)
+    assert ridge.phi.grad is phi_grad and torch.equal(phi_grad, torch.full_like(ridge.phi, 5.0))
+
+
+@pytest.mark.parametrize("error", [ConnectionError("data loader lost its worker"), RuntimeError("user's own bug")])
+def test_users_own_exception_propagates_without_an_engine_fallback(ridge, error):
+    """Only a failure of torch.func to transform the loss falls back to autograd: an exception of
+    the user's code propagates (a non-RuntimeError at once, without a second call) and nothing changes."""
+    calls = []
+
+    def train(m):
+        calls.append(1)
+        raise error
+
+    before = _state(ridge.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "falling back" warning
+        with pytest.raises(type(error), match=str(error)):
+            implicit_hypergradient([ridge.phi], train, ridge.val_loss, ridge.model, Exact())
+    assert len(calls) == (1 if isinstance(error, ConnectionError) else 2)
+    _assert_state(ridge.model, before)
+
+
+def test_sparse_embedding_is_refused_naming_the_cause_before_any_change():
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 1)).to(DT)
+    idx = torch.randint(0, 10, (6, 2))
+    decay = torch.zeros(1, dtype=DT, requires_grad=True)
+    train = lambda m: m(idx).pow(2).mean() + decay.exp() * (m[0].weight ** 2).sum()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"model\.0 is a Embedding with sparse=True.*sparse=False"):
+        implicit_hypergradient([decay], train, lambda m: m(idx).mean(), model, Identity())
+    _assert_state(model, before)
+
+
+# --- messages (issue 8, C16) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+@pytest.mark.parametrize("how, cause", [("no_grad", "no_grad"), ("detach", "detached"), ("inference_mode", "inference_mode")])
+def test_training_loss_without_graph_is_named_as_such_not_sent_to_unrolled(ridge, engine, how, cause):
+    def train(m):
+        if how == "detach":
+            return ridge.train_loss(m).detach()
+        with getattr(torch, how)():
+            return ridge.train_loss(m)
+
+    with pytest.raises(ValueError, match=f"train_loss_fn returned a tensor with no autograd graph.*{cause}") as caught:
+        implicit_hypergradient([ridge.phi], train, ridge.val_loss, ridge.model, Identity(), engine=engine)
+    assert "unrolled" not in str(caught.value)
+
+
+def test_validation_loss_under_inference_mode_is_named_as_such(ridge):
+    def val(m):
+        with torch.inference_mode():
+            return ridge.val_loss(m)
+
+    with pytest.raises(ValueError, match="val_loss_fn .*computed under torch.inference_mode"):
+        implicit_hypergradient([ridge.phi], ridge.train_loss, val, ridge.model, Identity())
+
+
+def test_hparam_of_the_validation_loss_alone_gets_its_direct_term(ridge):
+    """∂²f/∂φ∂θ = 0 for an hparam that only g reads: dg/dψ = ∂g/∂ψ exactly, no error."""
+    psi = torch.tensor([0.3, -1.2], dtype=DT, requires_grad=True)
+    val = lambda m: ridge.val_loss(m) + 0.5 * (psi**2).sum()
+    (g_phi, g_psi), _ = implicit_hypergradient([ridge.phi, psi], ridge.train_loss, val, ridge.model, Exact())
+    assert rel(g_phi, ridge.exact) < 1e-10
+    assert torch.equal(g_psi, psi.detach())
+
+
+# --- the solver owns its random state (issue 8, D) ----------------------------------------------------
+
+def test_nystrom_draws_from_its_own_generator_unless_one_is_passed(ridge):
+    args = ([ridge.phi], ridge.train_loss, ridge.val_loss, ridge.model)
+    solver = Nystrom(rank=3, rho=0.1, seed=5)
+    start = solver.state_dict()
+    (first,), _ = implicit_hypergradient(*args, solver)
+    (second,), _ = implicit_hypergradient(*args, solver)
+    assert not torch.equal(first, second)  # the generator advanced: a new sketch
+    solver.load_state_dict(start)
+    (again,), _ = implicit_hypergradient(*args, solver)
+    assert torch.equal(again, first)
+    (fresh,), _ = implicit_hypergradient(*args, Nystrom(rank=3, rho=0.1, seed=5))
+    assert torch.equal(fresh, first)
+    state = solver.state_dict()["generator"]
+    (given,), _ = implicit_hypergradient(*args, solver, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(given, first) and torch.equal(solver.state_dict()["generator"], state)
