@@ -1,6 +1,7 @@
 """HyperOptimizer as a torch.optim optimizer: updates, shared state, resumption, failure handling."""
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -266,3 +267,245 @@ def test_optimizer_remembers_an_engine_fallback(ridge):
         hopt.step(train, ridge.val_loss, ridge.model)
     with pytest.raises(ValueError, match="Invalid engine"):
         HyperOptimizer([ridge.phi], engine="jax")
+
+
+# --- a torch.optim citizen (issue 8, C) ------------------------------------------------------------
+
+def _decay_problem():
+    """Ridge regression with per-feature decay: returns (model, decay, losses(decay) -> (train, val))."""
+    g = torch.Generator().manual_seed(7)
+    X, y = torch.randn(30, 6, generator=g, dtype=DT), torch.randn(30, generator=g, dtype=DT)
+    model = nn.Linear(6, 1, bias=False).to(DT)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, 6, generator=g, dtype=DT))
+    decay = torch.zeros(6, dtype=DT, requires_grad=True)
+
+    def losses(d):
+        return (lambda m: ((m(X)[:, 0] - y) ** 2).mean() + (d.exp() * m.weight[0] ** 2).sum(),
+                lambda m: ((m(X[:10])[:, 0] - y[:10]) ** 2).mean())
+
+    return model, decay, losses
+
+
+@pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
+def test_copied_optimizer_steps_exactly_like_the_original(clone):
+    """deepcopy and pickle keep the base optimizer, the solver and its generator, even with an lr
+    scheduler attached (it patches step on the instance)."""
+    model, decay, losses = _decay_problem()
+    hopt = HyperOptimizer([decay], base=torch.optim.Adam, ihvp="nystrom", rank=3, rho=0.1, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(hopt, step_size=1, gamma=0.5)
+    hopt.step(*losses(decay), model)
+    sched.step()
+    box = {"decay": decay, "hopt": hopt}
+    twin = copy.deepcopy(box) if clone == "deepcopy" else pickle.loads(pickle.dumps(box))
+    copied = twin["hopt"]
+    assert repr(copied) == repr(hopt) and copied.hparams[0] is twin["decay"]
+    assert copied.param_groups[0]["lr"] == 0.05
+    copied.step(*losses(twin["decay"]), model)
+    hopt.step(*losses(decay), model)
+    assert torch.equal(twin["decay"], decay)  # same Adam moments, same next sketch
+    assert torch.equal(copied.state_dict()["hyperopt"]["solver_state"]["generator"],
+                       hopt.state_dict()["hyperopt"]["solver_state"]["generator"])
+
+
+@pytest.mark.parametrize("make", [lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+                                  lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=6)],
+                         ids=["StepLR", "OneCycleLR"])
+def test_lr_schedulers_drive_it_exactly_like_the_base_optimizer(make):
+    ours, ref = torch.zeros(3, dtype=DT, requires_grad=True), torch.zeros(3, dtype=DT, requires_grad=True)
+    hopt = HyperOptimizer([ours], base=torch.optim.Adam, ihvp="identity", lr=0.01)
+    plain = torch.optim.Adam([ref], lr=0.01)
+    schedulers = [make(hopt), make(plain)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        for step in range(5):
+            for t in (ours, ref):
+                t.grad = torch.tensor([1.0, -2.0, 0.5], dtype=DT) * (step + 1)
+            hopt.step()
+            plain.step()
+            for s in schedulers:
+                s.step()
+            assert hopt.param_groups[0]["lr"] == plain.param_groups[0]["lr"]
+            assert hopt.param_groups[0]["betas"] == plain.param_groups[0]["betas"]
+    assert torch.equal(ours, ref)
+
+
+def test_zero_grad_set_to_none_false_and_step_hooks_reach_the_base():
+    h = torch.zeros(3, requires_grad=True)
+    hopt = HyperOptimizer([h], base=torch.optim.SGD, ihvp="identity", lr=0.1)
+    h.grad = torch.ones(3)
+    grad = h.grad
+    hopt.zero_grad(set_to_none=False)
+    assert h.grad is grad and not grad.any()
+    seen = []
+    handle = hopt.register_step_post_hook(lambda opt, args, kwargs: seen.append(opt))
+    hopt.step()
+    handle.remove()
+    hopt.step()
+    assert seen == [hopt.base]
+
+
+def test_named_parameters_and_named_groups_work_as_in_torch_optim():
+    wnet = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 1)).to(DT)
+    hopt = HyperOptimizer(wnet.named_parameters(), base=torch.optim.SGD, ihvp="identity", lr=0.1)
+    ref = torch.optim.SGD(wnet.named_parameters(), lr=0.1)
+    assert hopt.param_groups[0]["param_names"] == ref.param_groups[0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert hopt.hparams == list(wnet.parameters())
+    assert hopt.state_dict()["param_groups"][0]["param_names"] == ref.state_dict()["param_groups"][0]["param_names"]
+    grouped = HyperOptimizer([{"params": wnet[0].named_parameters(), "lr": 0.5}, {"params": wnet[2].named_parameters()}],
+                             base=torch.optim.SGD, ihvp="identity", lr=0.1)
+    assert [g["param_names"] for g in grouped.param_groups] == [["weight", "bias"], ["weight", "bias"]]
+    assert grouped.hparams == list(wnet.parameters())
+    with pytest.raises(ValueError, match=r"hparams\[1\] does not require grad"):
+        HyperOptimizer([("a", torch.zeros(1, requires_grad=True)), ("b", torch.zeros(1))])
+
+
+def test_checkpoint_records_the_solver_and_refuses_another(ridge):
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.Adam, ihvp="nystrom", rank=4, rho=0.1, lr=0.1)
+    hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)
+    sd = hopt.state_dict()
+    assert sd["hyperopt"]["name"] == "nystrom"
+    assert sd["hyperopt"]["settings"] == {"rank": 4, "rho": 0.1, "chunk": None, "sketch": "columns", "seed": 0}
+    for other, match in [(dict(ihvp="cg"), r"written with ihvp='nystrom'.*uses ihvp='cg'"),
+                         (dict(rank=3, rho=0.1), "rank: 4 in the checkpoint, 3 here"),
+                         (dict(rank=4, rho=0.5, sketch="gaussian"), "rho: 0.1 in the checkpoint, 0.5 here; sketch")]:
+        target = HyperOptimizer([ridge.phi], base=torch.optim.Adam, lr=0.1, **other)
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict(sd)
+        assert not target.state  # nothing was loaded
+    same = HyperOptimizer([ridge.phi], base=torch.optim.Adam, rank=4, rho=0.1, chunk=2, seed=9, lr=0.1)
+    same.load_state_dict(sd)  # chunk and seed do not change the result
+    assert torch.equal(same.solver.generator.get_state(), hopt.solver.generator.get_state())
+    assert torch.equal(same.state[ridge.phi]["exp_avg"], hopt.state[ridge.phi]["exp_avg"])
+    with pytest.raises(ValueError, match="no 'hyperopt' entry"):
+        same.load_state_dict(torch.optim.Adam([ridge.phi]).state_dict())
+
+
+def test_keyword_of_both_the_solver_and_the_base_is_refused_saying_how_to_pass_each():
+    h = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"rho=0\.9 is ambiguous.*ihvp=Nystrom\(rho=\.\.\.\); rho= then goes to Adadelta"):
+        HyperOptimizer([h], base=torch.optim.Adadelta, ihvp="nystrom", rho=0.9)
+    with pytest.raises(ValueError, match=r"rho=0\.9 is ambiguous.*ihvp=ConjugateGradient\(rho=\.\.\.\)"):
+        HyperOptimizer([h], base=torch.optim.Adadelta, ihvp="cg", rho=0.9)
+    hopt = HyperOptimizer([h], base=torch.optim.Adadelta, ihvp=Nystrom(rho=0.5), rho=0.9)
+    assert hopt.base.defaults["rho"] == 0.9 and hopt.solver.rho == 0.5
+    with pytest.raises(ValueError, match=r"alpha=0\.9 is ambiguous.*ihvp=Neumann\(alpha=\.\.\.\); alpha= then goes to RMSprop"):
+        HyperOptimizer([h], base=torch.optim.RMSprop, ihvp="neumann", alpha=0.9)
+    hopt = HyperOptimizer([h], base=torch.optim.RMSprop, ihvp="nystrom", rank=3, alpha=0.9)
+    assert hopt.base.defaults["alpha"] == 0.9 and hopt.solver.rank == 3
+    assert HyperOptimizer([h], base=torch.optim.SGD, ihvp="neumann", iters=4, alpha=0.3, lr=0.1).solver.alpha == 0.3
+    assert HyperOptimizer([h], base=torch.optim.SGD, ihvp="cg", tol=1e-6, lr=0.1).solver.tol == 1e-6
+    solver = HyperOptimizer([h], base=torch.optim.SGD, sketch="gaussian", seed=4, lr=0.1).solver
+    assert solver.sketch == "gaussian" and solver.seed == 4
+    with pytest.raises(ValueError, match=r"alpha does not apply to ihvp='nystrom' .*not an argument of Adam"):
+        HyperOptimizer([h], base=torch.optim.Adam, ihvp="nystrom", alpha=0.3)
+
+
+def test_docs_settings_table_is_the_librarys():
+    import re
+    from pathlib import Path
+
+    from hyperopt_torch.ihvp import SOLVER_SETTINGS, make_solver
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    rows = re.findall(r'^\| `"(\w+)"` \| `(\w+)` \| (.*?) \|', text, flags=re.M)
+    assert {name: tuple(re.findall(r"`(\w+)` \(", settings)) for name, _, settings in rows} == SOLVER_SETTINGS
+    assert all(type(make_solver(name)).__name__ == cls for name, cls, _ in rows)
+
+
+def test_grad_scaler_steps_it_without_unscaling_hypergradients(ridge):
+    """Hypergradients come from unscaled losses: scaler.step(hopt) must not divide them by the scale,
+    and scaler.step(hopt, train, val, model) steps like hopt.step(train, val, model)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    inner = torch.optim.SGD(ridge.model.parameters(), lr=0.0)  # θ stays at the optimum
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Exact(), lr=0.5)
+    for through in ("accumulate", "arguments"):
+        scaler.scale(ridge.train_loss(ridge.model)).backward()  # the AMP inner step
+        scaler.step(inner)
+        start = ridge.phi.detach().clone()
+        hopt.zero_grad()
+        if through == "accumulate":
+            hopt.accumulate(ridge.train_loss, ridge.val_loss, ridge.model)
+            scaler.step(hopt)
+        else:
+            scaler.step(hopt, ridge.train_loss, ridge.val_loss, ridge.model)
+        scaler.update()
+        inner.zero_grad()
+        assert rel(ridge.phi.grad, ridge.exact) < 0.05  # φ moved a little at the first step
+        assert torch.allclose(ridge.phi.detach(), start - 0.5 * ridge.phi.grad, rtol=0, atol=1e-15)
+
+
+# --- a failed step changes nothing (issue 8, B) --------------------------------------------------------
+
+@pytest.mark.parametrize("base, match", [(torch.optim.LBFGS, "LBFGS needs a closure"),
+                                         (torch.optim.SparseAdam, "SparseAdam updates from sparse gradients")])
+def test_optimizers_that_cannot_take_a_hypergradient_step_are_refused(base, match):
+    with pytest.raises(ValueError, match=match):
+        HyperOptimizer([torch.zeros(2, requires_grad=True)], base=base, lr=0.1)
+
+
+class _FailingSGD(torch.optim.SGD):
+    """Updates the parameters and its state, then fails (a bug, a lost device)."""
+
+    def step(self, closure=None):
+        super().step()
+        raise RuntimeError("device lost")
+
+
+def test_failed_base_step_changes_nothing(ridge):
+    hopt = HyperOptimizer([ridge.phi], base=_FailingSGD, ihvp=Nystrom(3, 0.1), lr=0.1, momentum=0.9)
+    ridge.phi.grad = torch.full_like(ridge.phi, 2.0)
+    grad = ridge.phi.grad
+    before = ridge.phi.detach().clone()
+    generator = hopt.solver.generator.get_state()
+    for args in [(ridge.train_loss, ridge.val_loss, ridge.model), ()]:
+        with pytest.raises(RuntimeError, match="device lost"):
+            hopt.step(*args)
+        assert torch.equal(ridge.phi.detach(), before)
+        assert ridge.phi.grad is grad and torch.equal(grad, torch.full_like(ridge.phi, 2.0))
+        assert not hopt.state  # no momentum buffer left behind
+        assert torch.equal(hopt.solver.generator.get_state(), generator)
+
+
+def test_users_own_exception_leaves_engine_generator_and_grad(ridge):
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Nystrom(3, 0.1), lr=0.1)
+    generator = hopt.solver.generator.get_state()
+
+    def train(m):
+        raise ConnectionError("data loader lost its worker")
+
+    with pytest.raises(ConnectionError):
+        hopt.step(train, ridge.val_loss, ridge.model)
+    assert hopt.engine == "func" and ridge.phi.grad is None
+    assert torch.equal(hopt.solver.generator.get_state(), generator)
+
+
+def test_accumulate_refuses_a_training_loss_that_calls_backward_and_keeps_grad(ridge):
+    """The inner loss's own backward would add ∂f/∂φ into the accumulated hypergradient."""
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Exact(), lr=1.0)
+    hopt.accumulate(ridge.train_loss, ridge.val_loss, ridge.model)
+    grad, value = ridge.phi.grad, ridge.phi.grad.clone()
+
+    def train(m):
+        loss = ridge.train_loss(m)
+        loss.backward(retain_graph=True)
+        return loss
+
+    for call in (hopt.accumulate, hopt.hypergradient):
+        with pytest.raises(ValueError, match=r"train_loss_fn called .backward\(\) itself"):
+            call(train, ridge.val_loss, ridge.model)
+        assert ridge.phi.grad is grad and torch.equal(grad, value)
+
+
+def test_exact_refuses_a_model_whose_dense_solve_would_not_fit_stating_the_estimate():
+    """p = 20,100: the dense float64 Hessian, its copies and the eigensolver need about 21 GiB."""
+    model = nn.Linear(200, 100).to(DT)
+    X = torch.randn(8, 200, dtype=DT)
+    decay = torch.zeros(100, 200, dtype=DT, requires_grad=True)
+    hopt = HyperOptimizer([decay], base=torch.optim.SGD, ihvp="exact", lr=0.1)
+    train = lambda m: m(X).pow(2).mean() + (decay.exp() * m.weight**2).sum()
+    with pytest.raises(ValueError, match=r"needs about 21\.\d\d GiB .*max_memory=4\.00 GiB.*Exact\(max_memory=\.\.\.\)"):
+        hopt.step(train, lambda m: m(X).mean(), model)
+    assert decay.grad is None
+    with pytest.raises(ValueError, match="Invalid max_memory"):
+        Exact(max_memory=0)

@@ -26,6 +26,17 @@ def test_solver_from_args_builds_every_solver_from_the_same_flags(name, cls):
     assert isinstance(common.solver_from_args(args), cls)
 
 
+def test_every_solver_setting_of_the_library_is_a_flag_and_reaches_the_solver():
+    from hyperopt_torch.ihvp import SOLVER_SETTINGS
+
+    args = parse(["--sketch", "gaussian", "--tol", "1e-5", "--seed", "3"])
+    assert all(hasattr(args, setting) for settings in SOLVER_SETTINGS.values() for setting in settings)
+    nystrom = common.solver_from_args(args)
+    assert (nystrom.sketch, nystrom.seed) == ("gaussian", 3)
+    assert common.solver_from_args(args, "nystrom", seed=8).seed == 8  # a recipe's per-run seed
+    assert common.solver_from_args(args, "cg", seed=8).tol == 1e-5  # seed does not apply to cg: ignored
+
+
 def test_solver_from_args_turns_invalid_combinations_into_recipe_error():
     with pytest.raises(common.RecipeError, match="chunk"):
         common.solver_from_args(parse(["--chunk", "9"]))  # κ must not exceed the rank k = 5
