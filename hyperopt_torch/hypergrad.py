@@ -88,18 +88,23 @@ def implicit_hypergradient(
         hparams: the tensors φ (leaf, ``requires_grad=True``), on the model's
             device.  They enter ``train_loss_fn`` in any differentiable way,
             typically by closure; they may also enter ``val_loss_fn`` (the
-            direct term ``∂g/∂φ``).
-        train_loss_fn: ``model ↦ f``, a scalar tensor.
-        val_loss_fn: ``model ↦ g``, a scalar tensor.
+            direct term ``∂g/∂φ``), or only ``val_loss_fn`` (then the direct
+            term is their whole hypergradient).
+        train_loss_fn: ``model ↦ f``, a scalar tensor with its graph; it must
+            not call ``.backward()`` itself.
+        val_loss_fn: ``model ↦ g``, likewise.
         model: the inner model; θ are its parameters with ``requires_grad``,
             taken at their current values.
         ihvp: a solver object or one of the names accepted by
             :func:`~hyperopt_torch.make_solver` (with its default settings).
-        generator: CPU ``torch.Generator`` for randomised solvers (Nyström).
+        generator: CPU ``torch.Generator`` for randomised solvers (Nyström);
+            ``None`` uses the solver's own (``Nystrom(seed=...)``), which
+            advances.  A solver name builds a fresh solver at every call.
         residual: also compute ``‖(H + ρI)x − b‖/‖b‖`` (one more HVP).
         engine: ``"func"`` (torch.func, the default; falls back to autograd
-            when torch.func cannot transform ``train_loss_fn``) or
-            ``"autograd"``; see :mod:`hyperopt_torch.hvp`.
+            when torch.func fails to transform ``train_loss_fn``, never for an
+            exception of the loss's own code) or ``"autograd"``; see
+            :func:`hyperopt_torch.hvp.training_hvp`.
 
     Returns:
         ``Hypergradient(grads, info)``: ``grads[i]`` has the shape, dtype and
@@ -108,12 +113,20 @@ def implicit_hypergradient(
 
     Raises:
         TypeError / ValueError: bad hparams, a loss that is not a scalar
-            tensor, hparams on another device than the model, a model without
-            trainable parameters, or an hparam that the gradient of the
-            training loss does not depend on.  The model is left unchanged.
+            tensor or has no graph (``no_grad``, ``inference_mode``, detached:
+            each named), a loss that calls ``.backward()``, hparams on another
+            device than the model, a model without trainable parameters or
+            with a sparse-gradient embedding, or an hparam that enters neither
+            the gradient of the training loss nor the validation loss.  Any
+            exception of the loss functions' own propagates.  The model is
+            left unchanged.
 
-    The model is left exactly as found: parameter values and ``.grad``,
-    buffers and train/eval modes.  On a GPU the step synchronises with the host
+    The model is left exactly as found, whatever the loss functions do to
+    it (:class:`~hyperopt_torch._model.ModelSnapshot`): parameter values,
+    also when written in place, and their ``.grad`` (objects and values),
+    buffers, also when re-assigned, and train/eval modes; the training loss
+    sees it as found too.  One copy of the parameters and buffers is made.
+    On a GPU the step synchronises with the host
     once at the end (the finiteness check and the loss values, fetched
     together), plus once inside the Nyström solver (its k × k system is solved
     on the host) and once per iteration for CG with ``tol``.

@@ -467,17 +467,26 @@ def test_failed_base_step_changes_nothing(ridge):
         assert torch.equal(hopt.solver.generator.get_state(), generator)
 
 
-def test_users_own_exception_leaves_engine_generator_and_grad(ridge):
+def test_users_own_transient_exception_propagates_and_the_engine_stays(ridge):
+    """A data loader that fails once: the error is the user's, not torch.func's, so it propagates at
+    once; the loss is not called again and the optimizer does not switch to autograd for good."""
     hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Nystrom(3, 0.1), lr=0.1)
     generator = hopt.solver.generator.get_state()
+    calls = []
 
     def train(m):
-        raise ConnectionError("data loader lost its worker")
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("data loader lost its worker")
+        return ridge.train_loss(m)
 
     with pytest.raises(ConnectionError):
         hopt.step(train, ridge.val_loss, ridge.model)
-    assert hopt.engine == "func" and ridge.phi.grad is None
+    assert len(calls) == 1 and hopt.engine == "func" and ridge.phi.grad is None
     assert torch.equal(hopt.solver.generator.get_state(), generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hopt.step(train, ridge.val_loss, ridge.model).engine == "func"
 
 
 def test_accumulate_refuses_a_training_loss_that_calls_backward_and_keeps_grad(ridge):
