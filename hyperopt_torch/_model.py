@@ -17,8 +17,8 @@ class ModelSnapshot:
       renormalising its rows, BatchNorm's running statistics) or re-assign a
       buffer (``self.mean = 0.9 * self.mean + ...``): the original tensor
       objects are put back and their values restored.  One copy of the
-      parameters and buffers is held; a tensor whose ``_version`` did not
-      change is not written;
+      parameters and buffers is held; a parameter whose ``_version`` did not
+      change is not written back;
     * the ``.grad`` of ``params`` and ``extra`` (the hyperparameters).  They are
       set to ``None`` while the snapshot is open, so a ``.backward()`` inside a
       loss creates new gradients instead of adding into the saved ones, and
@@ -28,11 +28,16 @@ class ModelSnapshot:
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor], extra: Sequence[Tensor] = ()):
         self.modes = [(m, m.training) for m in model.modules()]
-        self.tensors = []  # [module, attribute name, tensor object, its _version, saved value]
+        # [module, attribute name, tensor object, its _version or None, saved value]: a buffer's
+        # version is not trusted, since BatchNorm's kernel updates its running statistics in
+        # place without bumping it; an in-place write to a parameter always does.
+        self.tensors = []
         with torch.no_grad():
             for m in model.modules():
-                for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+                for name, t in m.named_parameters(recurse=False):
                     self.tensors.append([m, name, t, t._version, t.clone()])
+                for name, t in m.named_buffers(recurse=False):
+                    self.tensors.append([m, name, t, None, t.clone()])
         self.grads = [(t, t.grad) for t in [*params, *extra]]
         for t, _ in self.grads:
             t.grad = None
@@ -58,9 +63,10 @@ class ModelSnapshot:
                 m, name, t, version, saved = entry
                 if getattr(m, name) is not t:
                     setattr(m, name, t)
-                if t._version != version:
+                if version is None or t._version != version:
                     t.copy_(saved)
-                    entry[3] = t._version
+                    if version is not None:
+                        entry[3] = t._version
 
     def close(self, values: bool = True) -> None:
         """:meth:`restore`, then hand the saved ``.grad`` objects back."""

@@ -70,6 +70,8 @@ def _split_keywords(ihvp, base: type, kwargs: dict) -> tuple[dict, dict]:
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
     solver, to_base, misplaced = {}, {}, []
     for key, value in kwargs.items():
+        if value is None and key in _ALL_SETTINGS and key not in base_takes:
+            continue  # None means "the solver's default", as in make_solver
         if key in takes and key in base_takes:
             raise ValueError(
                 f"{key}={value!r} is ambiguous: it is a setting of ihvp={ihvp!r} and an argument of {base.__name__}. "
