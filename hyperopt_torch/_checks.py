@@ -67,11 +67,10 @@ def check_model(model: nn.Module) -> list[Tensor]:
     if not params:
         raise ValueError("model has no parameters with requires_grad=True: there is no inner problem to differentiate")
     for name, module in model.named_modules():
-        if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)) \
-                and module.weight.requires_grad:
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and module.weight.requires_grad:
             raise ValueError(
-                f"model.{name or '<root>'} is a {type(module).__name__} with sparse=True: its sparse gradients cannot "
-                "be differentiated a second time, which Hessian-vector products need; construct it with sparse=False"
+                f"model.{name or '<root>'} is an {type(module).__name__}(sparse=True): its sparse gradients cannot be "
+                "differentiated a second time, which Hessian-vector products need; construct it with sparse=False"
             )
     return params
 
