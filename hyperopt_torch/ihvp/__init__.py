@@ -86,7 +86,7 @@ def solver_config(solver) -> dict:
 
 
 __all__ = [
-    "Solver", "make_solver", "SOLVER_NAMES", "SOLVER_SETTINGS", "solver_config",
+    "Solver", "make_solver", "SOLVER_NAMES", "SOLVER_SETTINGS", "RESULT_NEUTRAL", "solver_config",
     "Nystrom", "ConjugateGradient", "Neumann", "Identity", "Exact",
     "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "neumann_solve", "identity_solve", "exact_solve",
     "sample_columns",
