@@ -104,19 +104,26 @@ class Collectives:
         self._all_reduce_mean(checks)
         return checks
 
-    def sync_generator(self, generator: torch.Generator | None, device: torch.device) -> None:
-        """Set ``generator`` (a CPU generator) to rank 0's state on every rank (one broadcast).
+    def generator(self, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+        """The solver's generator, set to rank 0's state on every rank (one broadcast).
 
         The Nyström index set or Gaussian test matrix must be the same on all
         ranks for the averaged products to be columns of one global sketch.
-        ``device`` carries the state for the backend (NCCL needs CUDA tensors).
+        ``generator`` (a CPU generator) is updated in place; ``None`` (the solver
+        would draw from torch's global generator, which ranks may have seeded
+        differently) becomes a new generator seeded from it.  ``device`` carries
+        the state for the backend (NCCL needs CUDA tensors).  A single process
+        gets ``generator`` back untouched.
         """
-        if self.group is None or generator is None:
-            return
+        if self.group is None:
+            return generator
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
         state = generator.get_state().to(device)
         self._count(state)
         dist.broadcast(state, src=dist.get_global_rank(self.group, 0), group=self.group)
         generator.set_state(state.cpu())
+        return generator
 
 
 def data_parallel(model: nn.Module) -> tuple[nn.Module, Collectives]:

@@ -173,7 +173,7 @@ def implicit_hypergradient(
             # keeps every product's graph alive (and CG's in-place updates then
             # leak it across steps).
             with torch.no_grad():
-                comm.sync_generator(generator, device)
+                generator = comm.generator(generator, device)
                 try:
                     x = solver.solve(matvec, b, generator=generator)
                 except torch.linalg.LinAlgError:  # an eigensolver that did not converge: skip the step

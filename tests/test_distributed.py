@@ -129,6 +129,9 @@ def _worker(rank, init_file, out_dir):
             grads, info = implicit_hypergradient(hparams, train, val, m, solver, generator=generator, residual=True)
             record[kind, name] = {"grad": flat(grads), "info": info, "same": _gathered_equal(flat(grads)),
                                   "generator": generator.get_state()}
+    torch.manual_seed(rank)  # no generator: the ranks' global generators differ, the sketch must not
+    grads, _ = implicit_hypergradient(hparams, train, val, model, SOLVERS["nystrom"])
+    record["no generator"] = _gathered_equal(flat(grads))
     hopt = HyperOptimizer(hparams, base=torch.optim.SGD, ihvp=SOLVERS["nystrom"], lr=0.0, seed=rank)
     hopt.zero_grad()
     hopt.accumulate(train, val, ddp)
@@ -186,6 +189,7 @@ def _worker(rank, init_file, out_dir):
         record["uneven shard"] = str(error)
 
     # 5. An exception on rank 1 while rank 0 waits in a collective: a short-timeout group makes rank 0 raise too.
+    dist.barrier()  # rank 0 drew the recipe's plots: start in step, the short timeout is for the failure only
     ddp = nn.parallel.DistributedDataParallel(make_problem()[1], process_group=short)
     before = flat(hparams)
 
@@ -278,6 +282,10 @@ def test_communication_is_counted_per_method(ranks, name):
         # + 1 for the residual's HVP
         assert info.collectives == 4 + ONE_CALL_PER_HVP_BATCH[name] + 1
     assert ranks[1]["ddp", name]["info"].comm_bytes == info.comm_bytes
+
+
+def test_nystrom_without_generator_draws_one_sketch_for_all_ranks(ranks):
+    assert ranks[0]["no generator"]
 
 
 def test_accumulate_with_per_rank_seeds_matches_single_process(ranks):
