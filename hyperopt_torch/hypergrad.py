@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ._checks import check_hparams, check_model, check_scalar, require_graph
 from ._model import ModelSnapshot
+from .distributed import data_parallel
 from .hvp import ENGINES, flatten, training_hvp
 from .ihvp import Solver, make_solver
 
@@ -41,6 +42,9 @@ class HypergradInfo:
         val_loss: the validation loss ``g`` at θ.
         engine: how the Hessian-vector products were computed, ``"func"`` or
             ``"autograd"`` (see :mod:`hyperopt_torch.hvp`).
+        collectives: ``torch.distributed`` collectives this rank made (0 in a
+            single process; see :mod:`hyperopt_torch.distributed`).
+        comm_bytes: bytes this rank handed to those collectives.
     """
 
     solver: str
@@ -51,6 +55,8 @@ class HypergradInfo:
     train_loss: float
     val_loss: float
     engine: str
+    collectives: int = 0
+    comm_bytes: int = 0
 
 
 class Hypergradient(NamedTuple):
@@ -94,7 +100,12 @@ def implicit_hypergradient(
             not call ``.backward()`` itself.
         val_loss_fn: ``model ↦ g``, likewise.
         model: the inner model; θ are its parameters with ``requires_grad``,
-            taken at their current values.
+            taken at their current values.  Under ``torch.distributed`` (a
+            ``DistributedDataParallel`` model, or a replica with the default
+            process group initialised) the result is the hypergradient of the
+            mean of the ranks' losses, identical on every rank, and the loss
+            functions receive the unwrapped module; see
+            :mod:`hyperopt_torch.distributed`.
         ihvp: a solver object or one of the names accepted by
             :func:`~hyperopt_torch.make_solver` (with its default settings).
         generator: CPU ``torch.Generator`` for randomised solvers (Nyström);
@@ -135,6 +146,7 @@ def implicit_hypergradient(
     if engine not in ENGINES:
         raise ValueError(f"Invalid engine: {engine!r} (expected one of {ENGINES})")
     solver = make_solver(ihvp) if isinstance(ihvp, str) else ihvp
+    model, comm = data_parallel(model)
     params = check_model(model)
     device = params[0].device
     for i, h in enumerate(hparams):
@@ -165,24 +177,29 @@ def implicit_hypergradient(
         with torch.enable_grad():
             val = require_graph(check_scalar(val_loss_fn(model), "val_loss_fn"), "val_loss_fn")
             _refuse_backward(snapshot, len(params), "val_loss_fn")
-            direct = torch.autograd.grad(val, params + hparams, allow_unused=True)
+            direct = comm.average(torch.autograd.grad(val, params + hparams, allow_unused=True), params + hparams)
             # The training loss sees the model as found, whatever val_loss_fn did to it
             # (model.eval() is common; BatchNorm in training mode updates buffers; a clamp_).
             snapshot.restore()
             b = flatten(direct[: len(params)], params).detach()
             hvp, train = training_hvp(train_fn, model, params, engine)
+            matvec = comm.matvec(hvp)
 
             # Solvers run without recording: an iterate with an autograd history
             # keeps every product's graph alive (and CG's in-place updates then
             # leak it across steps).
             with torch.no_grad():
+                # A randomized solver draws from its own generator unless one is passed; either
+                # way the ranks must draw the same sketch.
+                generator = comm.generator(generator if generator is not None else getattr(solver, "generator", None),
+                                           device)
                 try:
-                    x = solver.solve(hvp, b, generator=generator)
+                    x = solver.solve(matvec, b, generator=generator)
                 except torch.linalg.LinAlgError:  # an eigensolver that did not converge: skip the step
                     x = torch.full_like(b, float("nan"))
                 res = None
                 if residual:
-                    r = hvp(x) + solver.damping * x - b
+                    r = matvec(x) + solver.damping * x - b
                     res = r.norm() / b.norm()
             mixed = hvp.mixed(x, hparams)
             for i, (m, d) in enumerate(zip(mixed, direct[len(params):])):
@@ -195,6 +212,7 @@ def implicit_hypergradient(
                         "Optimizer settings such as the learning rate or momentum act only through the update "
                         "rule: tune those with hyperopt_torch.unrolled instead."
                     )
+            mixed = comm.average(mixed, hparams)
             grads = tuple(
                 (d.detach() if d is not None else torch.zeros_like(h)) - (m.detach() if m is not None else 0)
                 for d, m, h in zip(direct[len(params):], mixed, hparams)
@@ -202,7 +220,7 @@ def implicit_hypergradient(
             checks = [torch.stack([torch.isfinite(g).all() for g in grads]).all().to(val.dtype), train.detach(), val.detach()]
             if res is not None:
                 checks.append(res.detach().to(val.dtype))
-            finite, train_value, val_value, *rest = torch.stack(checks).tolist()  # the one sync
+            finite, train_value, val_value, *rest = comm.agree(torch.stack(checks)).tolist()  # the one sync
     finally:
         snapshot.close()
 
@@ -211,10 +229,12 @@ def implicit_hypergradient(
         hvps=hvp.calls,
         seconds=time.perf_counter() - start,
         residual=rest[0] if rest else None,
-        skipped=not (finite and all(map(_isfinite, (train_value, val_value)))),
+        skipped=not (finite == 1 and all(map(_isfinite, (train_value, val_value)))),
         train_loss=train_value,
         val_loss=val_value,
         engine=hvp.engine,
+        collectives=comm.collectives,
+        comm_bytes=comm.bytes,
     )
     return Hypergradient(grads, info)
 

@@ -5,11 +5,17 @@ own flags, then inside ``with clean_errors():`` calls :func:`prepare_out`,
 :func:`solver_from_args` and :func:`resolve_device`.  Outputs land in
 ``--out``: ``config.json`` (the flags), ``metrics.json`` (final numbers and
 per-outer-step curves), PNG plots, and ``checkpoints/`` for ``--resume``.
+
+Under ``torchrun`` a recipe also calls :func:`init_torchrun` on its device and
+takes its batches through :func:`shard`; :func:`write_json`,
+:class:`Checkpoint`, :func:`progress` and :func:`save_figure` then act on
+rank 0 only (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -18,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from hyperopt_torch import make_solver
@@ -165,7 +173,9 @@ def prepare_out(args: argparse.Namespace) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically (a reader never sees half a file)."""
+    """Write ``obj`` as indented JSON, atomically (a reader never sees half a file); rank 0 only."""
+    if not is_main():
+        return
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
@@ -190,6 +200,8 @@ class Checkpoint:
         return torch.load(self.path, map_location="cpu", weights_only=True)
 
     def save(self, state: dict[str, Any]) -> None:
+        if not is_main():  # the ranks hold the same state; every rank loads rank 0's file
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -198,7 +210,7 @@ class Checkpoint:
 
 def progress(args: argparse.Namespace, *, total: int, initial: int, desc: str) -> tqdm:
     """tqdm bar over outer steps; the recipe sets ``val=...`` as postfix after every step."""
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not args.progress,
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not (args.progress and is_main()),
                 dynamic_ncols=True, mininterval=0.5)
 
 
@@ -206,7 +218,10 @@ def save_figure(path: str | os.PathLike, draw: Callable[[Any], None], *, figsize
     """Draw with ``draw(fig)`` on a new matplotlib Figure and save it as PNG at ``path``.
 
     matplotlib is optional: without it, print that the plot was skipped and return False.
+    Other ranks than 0 draw nothing and return False.
     """
+    if not is_main():
+        return False
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -217,3 +232,72 @@ def save_figure(path: str | os.PathLike, draw: Callable[[Any], None], *, figsize
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
     return True
+
+
+# -- torchrun: data parallelism over ranks (docs/distributed.md) ---------------------------------------------
+def init_torchrun(device: torch.device) -> torch.device:
+    """Join the process group when launched by ``torchrun`` with more than one process; the rank's device.
+
+    Initialises the default group from torchrun's environment (``nccl`` for a
+    CUDA ``device``, ``gloo`` otherwise; destroyed at exit) and returns
+    ``cuda:LOCAL_RANK`` for CUDA, ``device`` otherwise.  In a single process it
+    returns ``device`` and does nothing.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
+    return device
+
+
+def ranks() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """Whether this process writes outputs and shows progress (rank 0, or the only process)."""
+    return ranks()[0] == 0
+
+
+def shard(batch: Tensor) -> Tensor:
+    """This rank's contiguous, equal share of ``batch`` along dim 0 (all of it in a single process).
+
+    Equal shares make the mean of the ranks' mean losses the loss of the whole
+    batch, which is what the data-parallel hypergradient averages.
+
+    Raises:
+        RecipeError: ``len(batch)`` is not a multiple of the number of ranks.
+    """
+    rank, world = ranks()
+    if len(batch) % world:
+        raise RecipeError(f"a batch of {len(batch)} cannot be split evenly over {world} ranks: "
+                          f"choose sizes divisible by {world}")
+    n = len(batch) // world
+    return batch[rank * n:(rank + 1) * n]
+
+
+def mean_over_ranks(t: Tensor) -> Tensor:
+    """The mean of ``t`` over ranks (one all-reduce; ``t`` itself in a single process), e.g. shard losses."""
+    if ranks()[1] == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t.div_(dist.get_world_size())
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` under torchrun, else ``model``.
+
+    HyperOptimizer takes the wrapped model as it is: it averages every term of
+    the hypergradient over the ranks itself.
+    """
+    if ranks()[1] == 1:
+        return model
+    device = next(model.parameters()).device
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

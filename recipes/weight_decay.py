@@ -26,6 +26,7 @@ Figure 2) and ``accuracy.png``.
 Example::
 
     python -m recipes.weight_decay --ihvp all --seeds 5 --out runs/weight_decay
+    torchrun --nproc_per_node=2 -m recipes.weight_decay --out runs/weight_decay_2ranks  # data-parallel, CPU
 """
 
 from __future__ import annotations
@@ -119,9 +120,11 @@ def evaluate(model: nn.Module, split: tuple[Tensor, Tensor]) -> tuple[float, flo
 def run(args: argparse.Namespace, method: str, seed: int, device: torch.device, out) -> dict:
     """Optimise φ for ``args.outer_steps`` outer steps; returns per-outer-step curves and inner losses."""
     data = make_data(seed, args, device)
-    x_train, y_train = data["train"]
+    # Under torchrun each rank trains and validates on its shard (evaluation uses the full splits).
+    x_train, y_train = map(common.shard, data["train"])
+    x_val, y_val = map(common.shard, data["val"])
     torch.manual_seed(seed)
-    model = build_model(args).to(device)
+    model = common.data_parallel(build_model(args).to(device))
     theta_init = {k: v.clone() for k, v in model.state_dict().items()}
     init_decay = INIT_DECAY[args.model] if args.init_decay is None else args.init_decay
     decay = [torch.full_like(p, init_decay, requires_grad=True) for p in model.parameters()]
@@ -148,7 +151,7 @@ def run(args: argparse.Namespace, method: str, seed: int, device: torch.device, 
         return inner_objective(m, x_train, y_train, decay)[0]
 
     def val_loss_fn(m: nn.Module) -> Tensor:
-        return F.binary_cross_entropy_with_logits(m(data["val"][0]), data["val"][1])
+        return F.binary_cross_entropy_with_logits(m(x_val), y_val)
 
     start = len(curves["val_loss"])
     bar = common.progress(args, total=args.outer_steps, initial=start, desc=f"{method} seed {seed}")
@@ -164,7 +167,7 @@ def run(args: argparse.Namespace, method: str, seed: int, device: torch.device, 
             loss.backward()
             inner_opt.step()
             losses[t] = data_loss.detach()
-        inner_losses.append(losses)
+        inner_losses.append(common.mean_over_ranks(losses))
 
         # Outer step at the inner solution θ_T, then projection onto φ ≥ 0.
         info = hopt.step(train_loss_fn, val_loss_fn, model)
@@ -260,14 +263,14 @@ def main(argv=None) -> dict:
         methods = list(common.SOLVERS) if args.ihvp == "all" else [args.ihvp]
         for method in methods:
             common.solver_from_args(args, method)  # reject bad solver flags before any work
-        device = common.resolve_device(args.device, args.threads)
+        device = common.init_torchrun(common.resolve_device(args.device, args.threads))
         out = common.prepare_out(args)
         seeds = list(range(args.seed, args.seed + args.seeds))
         results = {method: [run(args, method, seed, device, out) for seed in seeds] for method in methods}
 
     metrics = summarize(results, seeds)
     common.write_json(out / "metrics.json", metrics)
-    for method in methods:
+    for method in methods if common.is_main() else ():
         final = metrics["methods"][method]["final"]
         print(f"{method:>9}: val loss {final['val_loss']['mean']:.4f} ± {final['val_loss']['std']:.4f}  "
               f"accuracy train {final['train_acc']['mean']:.3f} val {final['val_acc']['mean']:.3f} "

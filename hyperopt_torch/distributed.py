@@ -1,0 +1,153 @@
+"""Data-parallel hypergradients over ``torch.distributed`` (DDP or hand-replicated models).
+
+Each rank ``r`` of ``n`` holds a replica of θ and its own shard of the training
+and validation batches, so the objectives are means over ranks,
+``f = (1/n) Σ_r f_r`` and ``g = (1/n) Σ_r g_r`` (equal shard sizes make them
+the losses of the concatenated batches).  Every term of Eq. 3 is linear in
+``f`` or ``g``:
+
+* ``∇_θ g`` and ``∂g/∂φ``: average the ranks' gradients (one all-reduce);
+* ``V ∇²_θ f``: average the ranks' products — wrapping the batched matvec
+  makes every solver see the global Hessian (one all-reduce per matvec call:
+  the ``k × p`` sketch ``(HΩ)ᵀ`` for Nyström with κ = k, one ``p``-vector per
+  iteration for CG and Neumann);
+* ``(∂²f/∂φ∂θ) x``: average the ranks' mixed products (one all-reduce).
+
+The solvers then run identically on every rank: their inputs are bitwise
+equal (an all-reduce hands every rank the same bytes) and their random draws
+come from a generator set to rank 0's state first.  Nyström's small matrices
+``W``, ``G``, ``c`` are formed from the averaged sketch (``G = (HΩ)ᵀHΩ`` is not
+the mean of the ranks' Gram matrices).  The last sync of the step, where the
+finiteness flag and the losses reach the host, becomes an all-reduce too, so
+a non-finite value on any rank skips the step on all of them.
+
+:func:`data_parallel` detects the setting; :func:`implicit_hypergradient`
+calls it, so a user passes the DDP-wrapped model (or the replica) unchanged.
+See docs/distributed.md for the measured communication and the FSDP plan.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class Collectives:
+    """Averages tensors over a process group and counts what it sends.
+
+    ``collectives`` is the number of collective calls made; ``bytes`` the
+    payload each rank handed to them (the tensor sizes, not wire traffic: a
+    ring all-reduce moves about ``2(n-1)/n`` times that per rank).  With
+    ``group=None`` (a single process) every method returns its input and
+    nothing is counted.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.world = 1 if group is None else dist.get_world_size(group)
+        self.collectives = 0
+        self.bytes = 0
+
+    def _count(self, t: Tensor) -> None:
+        self.collectives += 1
+        self.bytes += t.numel() * t.element_size()
+
+    def average(self, tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor | None]:
+        """The mean over ranks of each tensor (``None`` counts as zeros shaped like ``like[i]``).
+
+        One all-reduce per distinct dtype, of the tensors flattened into one
+        buffer.  Outputs are new tensors, or the inputs themselves for a single
+        process.
+        """
+        if self.group is None:
+            return list(tensors)
+        filled = [t.detach() if t is not None else torch.zeros_like(ref) for t, ref in zip(tensors, like)]
+        out: list[Tensor | None] = [None] * len(filled)
+        for dtype in dict.fromkeys(t.dtype for t in filled):
+            idx = [i for i, t in enumerate(filled) if t.dtype == dtype]
+            flat = torch.cat([filled[i].reshape(-1) for i in idx])
+            self._all_reduce_mean(flat)
+            for i, piece in zip(idx, torch.split(flat, [filled[i].numel() for i in idx])):
+                out[i] = piece.view_as(filled[i])
+        return out
+
+    def _all_reduce_mean(self, t: Tensor) -> None:
+        # SUM then divide: ReduceOp.AVG exists for NCCL only, not gloo.
+        self._count(t)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        t.div_(self.world)
+
+    def matvec(self, hvp):
+        """Wrap a batched matvec ``V (B, p) -> (B, p)`` so that it returns the mean over ranks."""
+        if self.group is None:
+            return hvp
+
+        def averaged(V: Tensor) -> Tensor:
+            out = hvp(V).contiguous()
+            self._all_reduce_mean(out)
+            return out
+
+        return averaged
+
+    def agree(self, checks: Tensor) -> Tensor:
+        """Average the step's final check vector: ``[finite, f, g, (residual)]``.
+
+        The finiteness flag (1.0 or 0.0) averages to 1.0 only when it is 1.0 on
+        every rank; a NaN loss on one rank makes the mean NaN everywhere.
+        """
+        if self.group is None:
+            return checks
+        checks = checks.clone()
+        self._all_reduce_mean(checks)
+        return checks
+
+    def generator(self, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+        """The solver's generator, set to rank 0's state on every rank (one broadcast).
+
+        The Nyström index set or Gaussian test matrix must be the same on all
+        ranks for the averaged products to be columns of one global sketch.
+        ``generator`` (a CPU generator) is updated in place.  ``None`` (a
+        solver without a generator of its own: CG, Neumann, identity, exact)
+        costs nothing and is returned as is; a custom randomized solver used
+        data-parallel must own a ``generator`` attribute or be passed one, since
+        torch's global generator may be seeded differently on each rank.
+        ``device`` carries the state for the backend (NCCL needs CUDA tensors).
+        A single process gets ``generator`` back untouched.
+        """
+        if self.group is None or generator is None:
+            return generator
+        state = generator.get_state().to(device)
+        self._count(state)
+        dist.broadcast(state, src=dist.get_global_rank(self.group, 0), group=self.group)
+        generator.set_state(state.cpu())
+        return generator
+
+
+def data_parallel(model: nn.Module) -> tuple[nn.Module, Collectives]:
+    """``(module, collectives)`` for the hypergradient of ``model``.
+
+    * ``model`` wrapped in ``DistributedDataParallel``: the wrapped
+      ``model.module`` and DDP's own process group.  The hypergradient calls
+      the loss functions with ``model.module``, so DDP's forward (buffer
+      broadcast, ``prepare_for_backward``) never runs and its reducer, which
+      fires on ``.backward()`` only, is never armed by the hypergradient's
+      ``torch.autograd.grad`` passes; the user's next inner ``backward()``
+      finds it as the last inner step left it.
+    * a plain module while the default process group is initialised with
+      more than one rank: the model is taken to be replicated by hand, and
+      everything is averaged over the default group.
+    * otherwise: ``model`` itself and a :class:`Collectives` that does nothing.
+
+    Every rank must call the hypergradient the same number of times, with
+    replicas of θ and of the hyperparameters, and equal-sized shards (the
+    global objective is the mean of the ranks' losses).
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        group = model.process_group
+        return model.module, Collectives(group if dist.get_world_size(group) > 1 else None)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return model, Collectives(dist.group.WORLD)
+    return model, Collectives()
