@@ -79,9 +79,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of each function: ``warmup`` untimed calls each, then ``repeats`` interleaved rounds.
 
+    ``clock`` is wall time by default; ``time.process_time`` (CPU time of this
+    process, all threads) is steadier on a CPU shared with other jobs.
     Returns ``{name: [seconds, ...]}`` with ``repeats`` entries per name.
     """
     names = list(fns)
@@ -94,10 +97,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
