@@ -40,6 +40,11 @@ class HypergradInfo:
         val_loss: the validation loss ``g`` at θ.
         engine: how the Hessian-vector products were computed, ``"func"`` or
             ``"autograd"`` (see :mod:`hyperopt_torch.hvp`).
+        hvp_strategy: how the last block of HVPs was batched, ``"single"``,
+            ``"vmap"``, ``"loop"`` or ``"vmap:c"`` (chosen by measurement, see
+            :class:`~hyperopt_torch.hvp.HessianVectorProduct`); ``None`` if no HVP ran.
+        chunk: the κ a Nyström solver used (``chunk="auto"`` reports its
+            choice here); ``None`` for other solvers.
     """
 
     solver: str
@@ -50,6 +55,8 @@ class HypergradInfo:
     train_loss: float
     val_loss: float
     engine: str
+    hvp_strategy: str | None = None
+    chunk: int | None = None
 
 
 class Hypergradient(NamedTuple):
@@ -197,6 +204,8 @@ def implicit_hypergradient(
         train_loss=train_value,
         val_loss=val_value,
         engine=hvp.engine,
+        hvp_strategy=hvp.strategy,
+        chunk=getattr(solver, "last_chunk", None),
     )
     return Hypergradient(grads, info)
 
