@@ -14,7 +14,10 @@ a Python loop.  Two engines build the graph:
   with the parameters swapped in by ``functional_call``; HVPs are
   ``vmap(vjp_fn)``.  Measured faster than autograd's ``is_grads_batched`` on
   both CPU and GPU (docs/benchmarks.md).  Buffers are passed as fresh copies,
-  so BatchNorm's running statistics update copies, not the model.
+  so BatchNorm's running statistics update copies, not the model.  Models
+  with fewer than ``FUNC_MIN_PARAMS`` (10⁴) parameters get the autograd
+  engine instead (reported as ``engine="autograd"``): there torch.func's
+  fixed setup and its per-product overhead cost more than batching saves.
 * ``"autograd"``: ``torch.autograd.grad(..., create_graph=True)`` and
   ``is_grads_batched=True``.  Used when torch.func cannot transform the loss
   function (for example one that updates a captured tensor in place), and when the loss reads a parameter it captured
@@ -41,6 +44,7 @@ from ._model import LossCall, reaches
 
 Matvec = Callable[[Tensor], Tensor]
 ENGINES = ("func", "autograd")
+FUNC_MIN_PARAMS = 10_000  # below this, engine="func" builds the graph with autograd
 STRATEGY_CACHE: dict[tuple, dict] = {}
 """Per-process memory of the measured HVP batching strategy, keyed by
 ``(engine, parameter shapes, dtype, device, B)``; see :class:`HessianVectorProduct`."""
@@ -222,6 +226,10 @@ class HessianVectorProduct:
 
 
 def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
+    if sum(p.numel() for p in params) < FUNC_MIN_PARAMS:
+        # torch.func's setup (~2 ms) and per-product wrapping cost more than its
+        # batching saves on a graph this small (benchmarks/peers.py, docs/benchmarks.md).
+        return _autograd_hvp(loss_fn, model, params)
     from torch.func import functional_call, grad_and_value, vjp, vmap
 
     ids = {id(p): i for i, p in enumerate(params)}
@@ -299,6 +307,10 @@ def training_hvp(
         warnings.warn(f"{reason}; falling back to engine='autograd' (slower on most models; train_loss_fn is "
                       "called a second time for this step). Pass engine='autograd' to silence this.",
                       UserWarning, stacklevel=3)
+    return _autograd_hvp(loss_fn, model, params)
+
+
+def _autograd_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
     loss = _check_scalar(loss_fn(model), "train_loss_fn")
     if not loss.requires_grad:
         raise ValueError("train_loss_fn returned a tensor that does not require grad: compute it outside torch.no_grad()")

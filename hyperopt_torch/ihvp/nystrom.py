@@ -384,4 +384,4 @@ class Nystrom:
         return nystrom_solve(matvec, b, self.rank, self.rho, chunk, self.sketch, generator)
 
     def __repr__(self) -> str:
-        return f"Nystrom(rank={self.rank}, rho={self.rho}, chunk={self.chunk}, sketch={self.sketch!r})"
+        return f"Nystrom(rank={self.rank}, rho={self.rho}, chunk={self.chunk!r}, sketch={self.sketch!r})"
