@@ -21,7 +21,7 @@ time of the process by default on a CPU, wall time on CUDA):
   the literal Eq. 6 solved by LU (``torch.linalg.solve``), and the mixed term
   as a forward-over-reverse ``jvp``.
 
-``--model wrn16`` / ``mlp1024`` / ``wrn`` time the data-reweighting task of
+``--model wrn16`` / ``mlp`` / ``wrn`` time the data-reweighting task of
 :mod:`benchmarks.speed_memory` instead (no reference there).  The targets
 (issues 2 and 11): ``step / floor ≤ 1.1`` on every model and ``step < reference``.
 Writes ``overhead.json`` and ``overhead.png`` to ``--out``.
@@ -162,9 +162,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="runs/nystrom_overhead", help="output directory (JSON + PNG)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=("lenet", *speed_memory.MODELS[1:]), default="lenet",
-                        help="lenet: per-weight decay (Lorraine et al.); wrn, wrn16, mlp1024: data reweighting "
+                        help="lenet: per-weight decay (Lorraine et al.); wrn, wrn16, mlp: data reweighting "
                              "with a Meta-Weight-Net (benchmarks.speed_memory)")
-    parser.add_argument("--width", type=int, default=1, help="WRN widening factor")
+    parser.add_argument("--width", type=int, default=1, help="WRN widening factor, or the MLP's hidden width")
     parser.add_argument("--batch", type=int, default=128, help="examples per loss evaluation")
     parser.add_argument("--rank", type=int, default=10, help="Nyström rank k")
     parser.add_argument("--rho", type=float, default=0.01, help="Nyström damping ρ")

@@ -66,12 +66,13 @@ class Problem:
     val_loss: Callable[[nn.Module], Tensor]
 
 
-MODELS = ("lenet", "wrn", "wrn16", "mlp1024")
+MODELS = ("lenet", "wrn", "wrn16", "mlp")
 
 
 def build_problem(model_name: str, batch: int, width: int, device: torch.device, seed: int) -> Problem:
     """The data-reweighting problem on ``lenet`` (1×28×28), ``wrn`` (WRN-28-width, 3×32×32),
-    ``wrn16`` (WRN-16-width, 3×32×32) or ``mlp1024`` (784-1024-1024-10 on flattened 1×28×28, p = 1.86M)."""
+    ``wrn16`` (WRN-16-width, 3×32×32) or ``mlp`` (784-width-width-10 on flattened 1×28×28;
+    width 1024 gives p = 1.86M)."""
     torch.manual_seed(seed)
     if model_name == "lenet":
         model, shape = LeNet(), (1, 28, 28)
@@ -79,9 +80,9 @@ def build_problem(model_name: str, batch: int, width: int, device: torch.device,
         model, shape = wrn28(width), (3, 32, 32)
     elif model_name == "wrn16":
         model, shape = WideResNet(16, width), (3, 32, 32)
-    elif model_name == "mlp1024":
-        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                              nn.Linear(1024, 10))
+    elif model_name == "mlp":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                              nn.Linear(width, 10))
         shape = (1, 28, 28)
     else:
         raise ValueError(f"Invalid model: {model_name!r} (expected one of {MODELS})")
@@ -157,7 +158,7 @@ def make_call(cfg: dict, problem: Problem, seed: int) -> Callable[[], int]:
 def add_flags(p) -> None:
     p.add_argument("--model", choices=MODELS, default="lenet",
                    help="LeNet on 1x28x28, WRN-28-width or WRN-16-width on 3x32x32, or the MLP 784-1024-1024-10")
-    p.add_argument("--width", type=int, default=2, help="WRN widening factor (paper: 2)")
+    p.add_argument("--width", type=int, default=2, help="WRN widening factor (paper: 2), or the MLP's hidden width")
     p.add_argument("--batch", type=int, default=None, help="examples per batch (default 128)")
     p.add_argument("--ls", type=int, nargs="+", default=[5, 10, 20], help="CG/Neumann iterations and unrolled steps")
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20], help="Nyström ranks")
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     _add_paper_ratios(results)
     data = {
         "benchmark": "speed_memory",
-        "model": {"wrn": f"wrn-28-{args.width}", "wrn16": f"wrn-16-{args.width}"}.get(args.model, args.model),
+        "model": {"wrn": f"wrn-28-{args.width}", "wrn16": f"wrn-16-{args.width}",
+                  "mlp": f"mlp-784-{args.width}-{args.width}-10"}.get(args.model, args.model),
         "parameters": sum(q.numel() for q in problem.model.parameters()),
         "batch": batch,
         "warmup": warmup,
