@@ -95,8 +95,8 @@ class HessianVectorProduct:
     run, and the one with the smallest time wins (ties: the order above); the
     winner is remembered for the process (:data:`STRATEGY_CACHE`) with its
     timings, so the choice is deterministic given what was measured.  The
-    results of all strategies agree to rounding; the warm-up run of the first
-    candidate is the one returned.  ``strategy`` names the last one used
+    results of all strategies agree to rounding; the measuring block returns
+    the last candidate's.  ``strategy`` names the last one used
     (``"single"`` for one vector).
     """
 
@@ -162,39 +162,42 @@ class HessianVectorProduct:
         return out[0] if single else out
 
     def _measure(self, V: Tensor) -> tuple[Tensor, dict]:
-        """Run every candidate once (warm-up; the first one's result is returned), then time each twice,
-        interleaved; return the result and ``{"strategy": winner, "seconds": {name: best time}}``."""
+        """Run every candidate once (warm-up), then time each twice, interleaved, all writing into one
+        output block (so measuring costs no extra memory); return the block, which holds the last
+        candidate's products, and ``{"strategy": winner, "seconds": {name: best time}}``."""
         names = self.candidates(V.shape[0])
-        out = self._block(V, names[0])
-        for name in names[1:]:
-            self._block(V, name)
+        out = V.new_empty(V.shape[0], self.numel)
+        for name in names:
+            self._block(V, name, out)
         best = {name: float("inf") for name in names}
         for _ in range(2):
             for name in names:
                 _sync(V.device)
                 start = time.perf_counter()
-                self._block(V, name)
+                self._block(V, name, out)
                 _sync(V.device)
                 best[name] = min(best[name], time.perf_counter() - start)
         winner = min(names, key=lambda n: (best[n], names.index(n)))
         return out, {"strategy": winner, "seconds": best}
 
-    def _block(self, V: Tensor, strategy: str) -> Tensor:
-        """``V H`` for ``V`` of shape ``(B, p)`` by one strategy; returns ``(B, p)``."""
+    def _block(self, V: Tensor, strategy: str, out: Tensor | None = None) -> Tensor:
+        """``V H`` for ``V`` of shape ``(B, p)`` by one strategy, written into ``out`` (or a new block)."""
+        if strategy == "single":  # p-sized: one torch.cat costs less than a Python loop of copies
+            hv = self._backward(self._pieces(V[0]), False, None)
+            return torch.cat([(h if h is not None else V.new_zeros(n)).reshape(1, n) for h, n in zip(hv, self._sizes)],
+                             dim=1)
         B = V.shape[0]
-        out = V.new_empty(B, self.numel)
+        out = V.new_empty(B, self.numel) if out is None else out
         if strategy == "loop":
             for i in range(B):
                 self._write(out[i : i + 1], self._backward(self._pieces(V[i]), False, None))
             return out
-        if strategy == "single":
-            return self._write(out, self._backward(self._pieces(V[0]), False, None))
         chunk = int(strategy.split(":")[1]) if ":" in strategy else None
         return self._write(out, self._backward(self._pieces(V), True, chunk))
 
     def _pieces(self, v: Tensor) -> list[Tensor]:
         lead = v.shape[:-1]
-        return [piece.view(*lead, *shape) for piece, shape in zip(v.split(self._sizes, dim=-1), self._shapes)]
+        return [piece.reshape(*lead, *shape) for piece, shape in zip(v.split(self._sizes, dim=-1), self._shapes)]
 
     def _write(self, out: Tensor, hv) -> Tensor:
         # Copy each parameter's product into place and drop it at once, so the
