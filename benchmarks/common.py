@@ -161,7 +161,11 @@ def cpu_peak_memory(module: str, argv: list[str]) -> dict:
     Raises:
         RuntimeError: the child failed; its stderr is included.
     """
-    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True)
+    # A fixed mmap threshold makes glibc return every large freed block to the kernel at once
+    # (by default the threshold grows after the first free and freed blocks stay resident),
+    # so the resident size follows the live tensors and the baseline is not inflated by a warm-up.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
+    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {module} {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -121,12 +121,13 @@ class HessianVectorProduct:
         # gradient without one (f linear in that parameter) contributes H = 0.
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         outputs = [grads[i] for i in live]
+        every = len(live) == len(grads)
 
         def backward(pieces, batched, chunk):  # is_grads_batched has no chunk size
             if not live:
                 return [None] * len(pieces)
             return torch.autograd.grad(
-                outputs, params, grad_outputs=[pieces[i] for i in live],
+                outputs, params, grad_outputs=pieces if every else [pieces[i] for i in live],
                 retain_graph=True, allow_unused=True, is_grads_batched=batched,
             )
 
@@ -139,27 +140,28 @@ class HessianVectorProduct:
         return ("vmap", "loop")
 
     def __call__(self, V: Tensor) -> Tensor:
-        single = V.dim() == 1
-        V2 = V.unsqueeze(0) if single else V
-        B = V2.shape[0]
-        self.calls += B
         # The products must not carry a graph of their own (with the func engine
         # they would reach the hyperparameters): a solver's iterates would then keep
         # every earlier product's graph alive and memory would grow with each HVP.
+        if V.dim() == 1:  # CG and Neumann: the per-call overhead matters on small models
+            self.calls += 1
+            self.strategy = "single"
+            with torch.no_grad():
+                return self._single(V)
+        B = V.shape[0]
+        self.calls += B
         with torch.no_grad():
             if B == 1:
                 self.strategy = "single"
-                out = self._block(V2, "single")
+                return self._single(V[0]).unsqueeze(0)
+            key = (self.engine, tuple(self._shapes), V.dtype, V.device, B)
+            choice = self.forced or STRATEGY_CACHE.get(key, {}).get("strategy")
+            if choice is None:
+                out, STRATEGY_CACHE[key] = self._measure(V)
             else:
-                key = (self.engine, tuple(self._shapes), V2.dtype, V2.device, B)
-                choice = self.forced or STRATEGY_CACHE.get(key, {}).get("strategy")
-                if choice is None:
-                    out, STRATEGY_CACHE[key] = self._measure(V2)
-                    choice = STRATEGY_CACHE[key]["strategy"]
-                else:
-                    out = self._block(V2, choice)
-                self.strategy = choice
-        return out[0] if single else out
+                out = self._block(V, choice)
+            self.strategy = STRATEGY_CACHE[key]["strategy"] if choice is None else choice
+        return out
 
     def _measure(self, V: Tensor) -> tuple[Tensor, dict]:
         """Run every candidate once (warm-up), then time each twice, interleaved, all writing into one
@@ -182,10 +184,6 @@ class HessianVectorProduct:
 
     def _block(self, V: Tensor, strategy: str, out: Tensor | None = None) -> Tensor:
         """``V H`` for ``V`` of shape ``(B, p)`` by one strategy, written into ``out`` (or a new block)."""
-        if strategy == "single":  # p-sized: one torch.cat costs less than a Python loop of copies
-            hv = self._backward(self._pieces(V[0]), False, None)
-            return torch.cat([(h if h is not None else V.new_zeros(n)).reshape(1, n) for h, n in zip(hv, self._sizes)],
-                             dim=1)
         B = V.shape[0]
         out = V.new_empty(B, self.numel) if out is None else out
         if strategy == "loop":
@@ -194,6 +192,12 @@ class HessianVectorProduct:
             return out
         chunk = int(strategy.split(":")[1]) if ":" in strategy else None
         return self._write(out, self._backward(self._pieces(V), True, chunk))
+
+    def _single(self, v: Tensor) -> Tensor:
+        """``v H`` for one vector ``v`` of shape ``(p,)``: one torch.cat, cheaper than a loop of copies."""
+        hv = self._backward(self._pieces(v), False, None)
+        # Always a copy: a product can alias its input (e.g. H = I passes v through).
+        return torch.cat([(h if h is not None else v.new_zeros(n)).reshape(-1) for h, n in zip(hv, self._sizes)])
 
     def _pieces(self, v: Tensor) -> list[Tensor]:
         lead = v.shape[:-1]
