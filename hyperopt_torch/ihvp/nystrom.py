@@ -324,8 +324,12 @@ def auto_chunk(matvec: Matvec, b: Tensor, rank: int) -> int:
     computed, at most two blocks of ``Y``: ``4·p`` elements per column.  On
     CUDA the batched backward's own memory per column (activation gradients,
     dominant on conv nets) is measured with one product through ``matvec``
-    (counted in its HVPs) and added; on a CPU it is not measured, which the
-    margin has to cover.
+    (counted in its HVPs; this resets ``torch.cuda``'s peak-memory statistics)
+    and added; on a CPU it is not measured, which the margin has to cover.
+
+    Under data parallelism the free memory, hence κ, can differ between ranks,
+    and so would the number of all-reduced block products: pass an integer
+    ``chunk`` there.
     """
     p = b.numel()
     k = min(rank, p)
