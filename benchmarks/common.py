@@ -79,9 +79,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of each function: ``warmup`` untimed calls each, then ``repeats`` interleaved rounds.
 
+    ``clock`` is wall time by default; ``time.process_time`` (CPU time of this
+    process, all threads) is steadier on a CPU shared with other jobs.
     Returns ``{name: [seconds, ...]}`` with ``repeats`` entries per name.
     """
     names = list(fns)
@@ -94,10 +97,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -158,7 +161,11 @@ def cpu_peak_memory(module: str, argv: list[str]) -> dict:
     Raises:
         RuntimeError: the child failed; its stderr is included.
     """
-    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True)
+    # A fixed mmap threshold makes glibc return every large freed block to the kernel at once
+    # (by default the threshold grows after the first free and freed blocks stay resident),
+    # so the resident size follows the live tensors and the baseline is not inflated by a warm-up.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
+    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {module} {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

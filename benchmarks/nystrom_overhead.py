@@ -2,23 +2,28 @@
 
 On LeNet with a batch of 128 MNIST-sized images and one weight decay per
 weight (Lorraine et al.'s setting: as many hyperparameters as parameters),
-three things are timed, interleaved, after a warm-up, median over repeats:
+these are timed, interleaved, after a warm-up, median over repeats (CPU
+time of the process by default on a CPU, wall time on CUDA):
 
 * ``step``: ``HyperOptimizer.step`` with ``Nystrom(rank=k, rho=0.01)`` — the
   whole library path: both losses, the gradient graph, k HVPs in one batched
   backward, the float64 small solve, the mixed-partial VJP, the finiteness
   check and the Adam update.  ``step_autograd`` is the same with
   ``engine="autograd"`` (``is_grads_batched`` instead of torch.func).
-* ``floor``: only the unavoidable autograd work, done by hand — the
-  validation gradient, the training gradient with its graph, one batched
-  backward for k Hessian-vector products, and the mixed-partial VJP.
+* ``floor_<strategy>``: only the unavoidable autograd work, done by hand —
+  the validation gradient, the training gradient with its graph, k
+  Hessian-vector products batched by one strategy (``vmap``, ``loop``,
+  ``vmap:c``; see :class:`hyperopt_torch.hvp.HessianVectorProduct`), and the
+  mixed-partial VJP.  The floor is the fastest of these.
 * ``reference``: the same hypergradient computed the way the paper's
   reference code does it: torch.func ``grad`` of the outer loss, k Hessian
   rows as ``jacrev`` of the inner gradient gathered at the k indices (vmap),
   the literal Eq. 6 solved by LU (``torch.linalg.solve``), and the mixed term
   as a forward-over-reverse ``jvp``.
 
-The target (issue 2): ``step / floor ≤ 1.2`` and ``step < reference``.
+``--model wrn16`` / ``mlp`` / ``wrn`` time the data-reweighting task of
+:mod:`benchmarks.speed_memory` instead (no reference there).  The targets
+(issues 2 and 11): ``step / floor ≤ 1.1`` on every model and ``step < reference``.
 Writes ``overhead.json`` and ``overhead.png`` to ``--out``.
 """
 
@@ -40,6 +45,8 @@ from hyperopt_torch import HyperOptimizer, Nystrom
 from hyperopt_torch.ihvp import sample_columns
 from hyperopt_torch.hvp import flatten, training_hvp, unflatten
 from recipes.models import LeNet
+
+from . import common, speed_memory
 
 DECAY_SCALE = 1e-4
 
@@ -63,16 +70,18 @@ def build(batch: int, device: str, seed: int = 0):
     return model, log_decay, train_loss, val_loss, (x, y, xv, yv, penalty)
 
 
-def floor_fn(model, log_decay, train_loss, val_loss, k):
-    """The unavoidable autograd work of one Nyström hypergradient."""
+def floor_fn(model, hparams, train_loss, val_loss, k, strategy):
+    """The unavoidable autograd work of one Nyström hypergradient, its k HVPs batched by ``strategy``."""
     params = list(model.parameters())
     gv = torch.autograd.grad(val_loss(model), params)
     hvp, _ = training_hvp(train_loss, model, params)
+    hvp.forced = strategy
     b = flatten(gv, params)
     V = torch.zeros(k, b.numel(), device=b.device, dtype=b.dtype)
     V[torch.arange(k), torch.arange(k)] = 1
-    hvp(V)
-    return hvp.mixed(b, log_decay)
+    with torch.no_grad():
+        hvp(V)
+    return hvp.mixed(b, hparams)
 
 
 def reference_fn(model, log_decay, data, k, rho, generator):
@@ -108,22 +117,6 @@ def reference_fn(model, log_decay, data, k, rho, generator):
     return [-m for m in mixed]
 
 
-def time_interleaved(fns: dict, repeats: int, warmup: int, device: str) -> dict:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -152,11 +145,12 @@ def plot(result: dict, path: Path) -> None:
              for n, m in zip(names, med)]  # one repeat: no interquartile range to draw
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.barh(names, med, xerr=[[m - q[0] for m, q in zip(med, quart)], [q[2] - m for m, q in zip(med, quart)]],
-            color=["tab:blue", "tab:cyan", "tab:gray", "tab:orange"][: len(names)], capsize=3)
+            color=[{"step": "tab:blue", "step_autograd": "tab:cyan", "reference": "tab:orange"}.get(n, "tab:gray")
+                   for n in names], capsize=3)
     ax.invert_yaxis()
-    ax.set_xlabel("ms per hypergradient (median, IQR)")
+    ax.set_xlabel(f"ms per hypergradient (median, IQR; {result['clock']})")
     threads = f", {result['machine']['threads']} threads" if cfg["device"] == "cpu" else ""
-    ax.set_title(f"LeNet, batch {cfg['batch']}, Nyström k={cfg['rank']}\n{result['machine']['device']}{threads}", fontsize=9)
+    ax.set_title(f"{cfg['model']} ({result['params']:,} params), batch {cfg['batch']}, Nyström k={cfg['rank']}\n{result['machine']['device']}{threads}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -167,60 +161,83 @@ def main(argv=None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/nystrom_overhead", help="output directory (JSON + PNG)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=128, help="images per loss evaluation")
+    parser.add_argument("--model", choices=("lenet", *speed_memory.MODELS[1:]), default="lenet",
+                        help="lenet: per-weight decay (Lorraine et al.); wrn, wrn16, mlp: data reweighting "
+                             "with a Meta-Weight-Net (benchmarks.speed_memory)")
+    parser.add_argument("--width", type=int, default=1, help="WRN widening factor, or the MLP's hidden width")
+    parser.add_argument("--batch", type=int, default=128, help="examples per loss evaluation")
     parser.add_argument("--rank", type=int, default=10, help="Nyström rank k")
     parser.add_argument("--rho", type=float, default=0.01, help="Nyström damping ρ")
     parser.add_argument("--repeats", type=int, default=20, help="timed repetitions per method")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions per method first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=("process", "wall"), default=None,
+                        help="CPU time of this process (default on CPU: steady on a shared machine) or wall time "
+                             "(default on CUDA)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    clock = {"process": time.process_time, "wall": time.perf_counter}[
+        args.clock or ("wall" if device.type == "cuda" else "process")]
 
-    model, log_decay, train_loss, val_loss, data = build(args.batch, args.device)
-    hopt = HyperOptimizer(log_decay, base=torch.optim.Adam, ihvp=Nystrom(args.rank, args.rho), lr=0.0)
-    hopt_autograd = HyperOptimizer(log_decay, base=torch.optim.Adam, ihvp=Nystrom(args.rank, args.rho), lr=0.0,
+    if args.model == "lenet":
+        model, hparams, train_loss, val_loss, data = build(args.batch, args.device)
+    else:
+        problem = speed_memory.build_problem(args.model, args.batch, args.width, device, 0)
+        model, hparams, train_loss, val_loss = problem.model, problem.hparams, problem.train_loss, problem.val_loss
+    hopt = HyperOptimizer(hparams, base=torch.optim.Adam, ihvp=Nystrom(args.rank, args.rho), lr=0.0)
+    hopt_autograd = HyperOptimizer(hparams, base=torch.optim.Adam, ihvp=Nystrom(args.rank, args.rho), lr=0.0,
                                    engine="autograd")
     generator = torch.Generator().manual_seed(0)
 
-    # Agreement check: same index set, so the two hypergradients must match.
-    ours = hopt.hypergradient(train_loss, val_loss, model).grads
-    hopt.solver.generator.manual_seed(0)
-    ref = reference_fn(model, log_decay, data, args.rank, args.rho, torch.Generator().manual_seed(0))
-    agreement = (flatten(ours, log_decay) - flatten(ref, log_decay)).norm() / flatten(ref, log_decay).norm()
+    fns = {
+        "step": lambda: hopt.step(train_loss, val_loss, model),
+        "step_autograd": lambda: hopt_autograd.step(train_loss, val_loss, model),
+    }
+    probe, _ = training_hvp(train_loss, model, [q for q in model.parameters() if q.requires_grad])
+    strategies = probe.candidates(args.rank)
+    del probe
+    for strategy in strategies:
+        fns[f"floor_{strategy}"] = lambda s=strategy: floor_fn(model, hparams, train_loss, val_loss, args.rank, s)
+    agreement = None
+    if args.model == "lenet":
+        # Agreement check: same index set, so the two hypergradients must match.
+        ours = hopt.hypergradient(train_loss, val_loss, model).grads
+        hopt.solver.generator.manual_seed(0)
+        ref = reference_fn(model, hparams, data, args.rank, args.rho, torch.Generator().manual_seed(0))
+        agreement = ((flatten(ours, hparams) - flatten(ref, hparams)).norm() / flatten(ref, hparams).norm()).item()
+        fns["reference"] = lambda: reference_fn(model, hparams, data, args.rank, args.rho, generator)
 
-    times = time_interleaved(
-        {
-            "step": lambda: hopt.step(train_loss, val_loss, model),
-            "step_autograd": lambda: hopt_autograd.step(train_loss, val_loss, model),
-            "floor": lambda: floor_fn(model, log_decay, train_loss, val_loss, args.rank),
-            "reference": lambda: reference_fn(model, log_decay, data, args.rank, args.rho, generator),
-        },
-        args.repeats,
-        args.warmup,
-        args.device,
-    )
+    times = common.time_interleaved(fns, device, args.warmup, args.repeats, clock=clock)
     median = {name: statistics.median(t) for name, t in times.items()}
+    floors = {name: median[name] for name in median if name.startswith("floor_")}
+    floor = min(floors, key=floors.get)
+    info = hopt.hypergradient(train_loss, val_loss, model).info
     result = {
         "config": vars(args),
+        "clock": "process_time" if clock is time.process_time else "perf_counter",
         "machine": {
-            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
         },
         "params": sum(p.numel() for p in model.parameters()),
         "median_seconds": median,
-        "step_over_floor": median["step"] / median["floor"],
-        "step_over_reference": median["step"] / median["reference"],
-        "relative_difference_to_reference": agreement.item(),
+        "quartiles_seconds": {n: statistics.quantiles(t, n=4) for n, t in times.items() if len(t) > 1},
+        "floor": floor,
+        "step_hvp_strategy": info.hvp_strategy,
+        "step_over_floor": median["step"] / floors[floor],
+        "step_over_reference": median["step"] / median["reference"] if "reference" in median else None,
+        "relative_difference_to_reference": agreement,
         "times": times,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("median_seconds", "step_over_floor", "step_over_reference",
-                                              "relative_difference_to_reference")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("params", "median_seconds", "floor", "step_hvp_strategy", "step_over_floor",
+                                              "step_over_reference", "relative_difference_to_reference")}, indent=2))
     plot(result, out / "overhead.png")
     return result
 

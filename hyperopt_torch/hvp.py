@@ -14,7 +14,10 @@ a Python loop.  Two engines build the graph:
   with the parameters swapped in by ``functional_call``; HVPs are
   ``vmap(vjp_fn)``.  Measured faster than autograd's ``is_grads_batched`` on
   both CPU and GPU (docs/benchmarks.md).  Buffers are passed as fresh copies,
-  so BatchNorm's running statistics update copies, not the model.
+  so BatchNorm's running statistics update copies, not the model.  Models
+  with fewer than ``FUNC_MIN_PARAMS`` (10⁴) parameters get the autograd
+  engine instead (reported as ``engine="autograd"``): there torch.func's
+  fixed setup and its per-product overhead cost more than batching saves.
 * ``"autograd"``: ``torch.autograd.grad(..., create_graph=True)`` and
   ``is_grads_batched=True``.  Used when torch.func cannot transform the loss
   function (for example one that updates a captured tensor in place), and when the loss reads a parameter it captured
@@ -30,6 +33,7 @@ to the hyperparameters the loss closes over, so the mixed partial
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Callable, Sequence
 
@@ -41,6 +45,15 @@ from ._model import LossCall, reaches
 
 Matvec = Callable[[Tensor], Tensor]
 ENGINES = ("func", "autograd")
+FUNC_MIN_PARAMS = 10_000  # below this, engine="func" builds the graph with autograd
+STRATEGY_CACHE: dict[tuple, dict] = {}
+"""Per-process memory of the measured HVP batching strategy, keyed by
+``(engine, parameter shapes, dtype, device, B)``; see :class:`HessianVectorProduct`."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def flatten(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
@@ -70,53 +83,140 @@ class HessianVectorProduct:
     their device.  The graph is kept, so it can be called any number of times;
     ``calls`` counts the Hessian-vector products computed so far (``B`` per
     call).  :meth:`mixed` gives the mixed partial product and frees the graph.
+
+    How a block of ``B > 1`` vectors is computed is the *strategy*:
+    ``"vmap"`` (one batched backward), ``"loop"`` (``B`` single backwards) or,
+    with the func engine, ``"vmap:c"`` (``vmap`` with ``chunk_size = c = ⌈B/2⌉``).
+    Which is fastest depends on the model: ``vmap`` turns a dense layer's
+    matmuls into batched matmuls over ``B`` copies of the activations (a loop
+    is faster on wide MLPs on a CPU), while on conv nets one batched backward
+    wins.  With ``strategy=None`` (the default) the first block of each size
+    ``B`` seen for a given model layout (engine, parameter shapes, dtype,
+    device) is computed by every candidate, each timed twice after a warm-up
+    run, and the one with the smallest time wins (ties: the order above); the
+    winner is remembered for the process (:data:`STRATEGY_CACHE`) with its
+    timings, so the choice is deterministic given what was measured.  The
+    results of all strategies agree to rounding; the measuring block returns
+    the last candidate's.  ``strategy`` names the last one used
+    (``"single"`` for one vector).
     """
 
-    def __init__(self, grads: Sequence[Tensor | None], params: Sequence[Tensor], backward, engine: str):
+    def __init__(self, grads: Sequence[Tensor | None], params: Sequence[Tensor], backward, engine: str,
+                 strategy: str | None = None):
         self.params = list(params)
         self.grads = list(grads)
         self.engine = engine
         self.numel = sum(p.numel() for p in self.params)
         self.calls = 0
-        self._backward = backward  # (pieces, batched) -> per-parameter products or None
+        self.forced = strategy
+        self.strategy: str | None = None
+        self._backward = backward  # (pieces, batched, chunk_size) -> per-parameter products or None
+        self._sizes = [p.numel() for p in self.params]
+        self._shapes = [tuple(p.shape) for p in self.params]
 
     @classmethod
-    def from_autograd(cls, grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> "HessianVectorProduct":
+    def from_autograd(cls, grads: Sequence[Tensor | None], params: Sequence[Tensor],
+                      strategy: str | None = None) -> "HessianVectorProduct":
         """Wrap ``grads = torch.autograd.grad(f, params, create_graph=True, allow_unused=True)``."""
         # Only gradient entries that carry a graph can be differentiated again; a
         # gradient without one (f linear in that parameter) contributes H = 0.
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        outputs = [grads[i] for i in live]
+        every = len(live) == len(grads)
 
-        def backward(pieces, batched):
+        def backward(pieces, batched, chunk):  # is_grads_batched has no chunk size
             if not live:
                 return [None] * len(pieces)
             return torch.autograd.grad(
-                [grads[i] for i in live], params, grad_outputs=[pieces[i] for i in live],
+                outputs, params, grad_outputs=pieces if every else [pieces[i] for i in live],
                 retain_graph=True, allow_unused=True, is_grads_batched=batched,
             )
 
-        return cls(grads, params, backward, "autograd")
+        return cls(grads, params, backward, "autograd", strategy)
+
+    def candidates(self, B: int) -> tuple[str, ...]:
+        """The strategies tried for a block of ``B > 1`` vectors, in tie-breaking order."""
+        if self.engine == "func" and B >= 4:
+            return ("vmap", "loop", f"vmap:{-(-B // 2)}")
+        return ("vmap", "loop")
 
     def __call__(self, V: Tensor) -> Tensor:
-        single = V.dim() == 1
-        V2 = V.unsqueeze(0) if single else V
-        B = V2.shape[0]
-        self.calls += B
-        batched = B > 1
-        pieces = unflatten(V2 if batched else V2[0], self.params)
         # The products must not carry a graph of their own (with the func engine
         # they would reach the hyperparameters): a solver's iterates would then keep
         # every earlier product's graph alive and memory would grow with each HVP.
+        if V.dim() == 1:  # CG and Neumann: the per-call overhead matters on small models
+            self.calls += 1
+            self.strategy = "single"
+            with torch.no_grad():
+                return self._single(V)
+        B = V.shape[0]
+        self.calls += B
         with torch.no_grad():
-            hv = self._backward(pieces, batched)
-        out = torch.cat(
-            [
-                (h if h is not None else V2.new_zeros(B, p.numel())).reshape(B, -1)
-                for h, p in zip(hv, self.params)
-            ],
-            dim=1,
-        )
-        return out[0] if single else out
+            if B == 1:
+                self.strategy = "single"
+                return self._single(V[0]).unsqueeze(0)
+            key = (self.engine, tuple(self._shapes), V.dtype, V.device, B)
+            choice = self.forced or STRATEGY_CACHE.get(key, {}).get("strategy")
+            if choice is None:
+                out, STRATEGY_CACHE[key] = self._measure(V)
+            else:
+                out = self._block(V, choice)
+            self.strategy = STRATEGY_CACHE[key]["strategy"] if choice is None else choice
+        return out
+
+    def _measure(self, V: Tensor) -> tuple[Tensor, dict]:
+        """Run every candidate once (warm-up), then time each twice, interleaved, all writing into one
+        output block (so measuring costs no extra memory); return the block, which holds the last
+        candidate's products, and ``{"strategy": winner, "seconds": {name: best time}}``."""
+        names = self.candidates(V.shape[0])
+        out = V.new_empty(V.shape[0], self.numel)
+        for name in names:
+            self._block(V, name, out)
+        best = {name: float("inf") for name in names}
+        for _ in range(2):
+            for name in names:
+                _sync(V.device)
+                start = time.perf_counter()
+                self._block(V, name, out)
+                _sync(V.device)
+                best[name] = min(best[name], time.perf_counter() - start)
+        winner = min(names, key=lambda n: (best[n], names.index(n)))
+        return out, {"strategy": winner, "seconds": best}
+
+    def _block(self, V: Tensor, strategy: str, out: Tensor | None = None) -> Tensor:
+        """``V H`` for ``V`` of shape ``(B, p)`` by one strategy, written into ``out`` (or a new block)."""
+        B = V.shape[0]
+        out = V.new_empty(B, self.numel) if out is None else out
+        if strategy == "loop":
+            for i in range(B):
+                self._write(out[i : i + 1], self._backward(self._pieces(V[i]), False, None))
+            return out
+        chunk = int(strategy.split(":")[1]) if ":" in strategy else None
+        return self._write(out, self._backward(self._pieces(V), True, chunk))
+
+    def _single(self, v: Tensor) -> Tensor:
+        """``v H`` for one vector ``v`` of shape ``(p,)``: one torch.cat, cheaper than a loop of copies."""
+        hv = self._backward(self._pieces(v), False, None)
+        # Always a copy: a product can alias its input (e.g. H = I passes v through).
+        return torch.cat([(h if h is not None else v.new_zeros(n)).reshape(-1) for h, n in zip(hv, self._sizes)])
+
+    def _pieces(self, v: Tensor) -> list[Tensor]:
+        lead = v.shape[:-1]
+        return [piece.reshape(*lead, *shape) for piece, shape in zip(v.split(self._sizes, dim=-1), self._shapes)]
+
+    def _write(self, out: Tensor, hv) -> Tensor:
+        # Copy each parameter's product into place and drop it at once, so the
+        # block's memory peaks at about one copy of the products, not two (torch.cat).
+        hv = list(hv)
+        offset = 0
+        for i, n in enumerate(self._sizes):
+            if hv[i] is None:
+                out[:, offset : offset + n].zero_()
+            else:
+                out[:, offset : offset + n].copy_(hv[i].reshape(out.shape[0], n))
+            hv[i] = None
+            offset += n
+        return out
 
     def mixed(self, x: Tensor, hparams: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
         """The mixed-partial product ``(∂²f/∂φ∂θ) x = ∂/∂φ ⟨∇_θ f, x⟩`` for ``x`` of shape ``(p,)``.
@@ -134,6 +234,10 @@ class HessianVectorProduct:
 
 
 def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
+    if sum(p.numel() for p in params) < FUNC_MIN_PARAMS:
+        # torch.func's setup (~2 ms) and per-product wrapping cost more than its
+        # batching saves on a graph this small (benchmarks/peers.py, docs/benchmarks.md).
+        return _autograd_hvp(loss_fn, model, params)
     from torch.func import functional_call, grad_and_value, vjp, vmap
 
     ids = {id(p): i for i, p in enumerate(params)}
@@ -160,8 +264,8 @@ def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
     if reaches(loss, params):
         raise _CapturedParameter
 
-    def backward(pieces, batched):
-        return vmap(vjp_fn)(tuple(pieces)) if batched else vjp_fn(tuple(pieces))
+    def backward(pieces, batched, chunk):
+        return vmap(vjp_fn, chunk_size=chunk)(tuple(pieces)) if batched else vjp_fn(tuple(pieces))
 
     return HessianVectorProduct(grads, params, backward, "func"), loss
 

@@ -45,6 +45,11 @@ class HypergradInfo:
         collectives: ``torch.distributed`` collectives this rank made (0 in a
             single process; see :mod:`hyperopt_torch.distributed`).
         comm_bytes: bytes this rank handed to those collectives.
+        hvp_strategy: how the last block of HVPs was batched, ``"single"``,
+            ``"vmap"``, ``"loop"`` or ``"vmap:c"`` (chosen by measurement, see
+            :class:`~hyperopt_torch.hvp.HessianVectorProduct`); ``None`` if no HVP ran.
+        chunk: the κ a Nyström solver used (``chunk="auto"`` reports its
+            choice here); ``None`` for other solvers.
     """
 
     solver: str
@@ -57,6 +62,8 @@ class HypergradInfo:
     engine: str
     collectives: int = 0
     comm_bytes: int = 0
+    hvp_strategy: str | None = None
+    chunk: int | None = None
 
 
 class Hypergradient(NamedTuple):
@@ -148,6 +155,11 @@ def implicit_hypergradient(
     solver = make_solver(ihvp) if isinstance(ihvp, str) else ihvp
     model, comm = data_parallel(model)
     params = check_model(model)
+    if comm.group is not None and getattr(solver, "chunk", None) == "auto":
+        # Each rank would size κ by its own free memory; a different κ means a different
+        # number of (collective) HVP calls, and the ranks would deadlock.
+        raise ValueError("chunk='auto' cannot be used data-parallel (the ranks could choose different κ): "
+                         "pass an integer chunk, the same on every rank")
     device = params[0].device
     for i, h in enumerate(hparams):
         if h.device != device:
@@ -235,6 +247,8 @@ def implicit_hypergradient(
         engine=hvp.engine,
         collectives=comm.collectives,
         comm_bytes=comm.bytes,
+        hvp_strategy=hvp.strategy,
+        chunk=getattr(solver, "last_chunk", None),
     )
     return Hypergradient(grads, info)
 

@@ -64,6 +64,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def chunk_value(text: str) -> int | str:
+    """``--chunk``: an integer >= 1, or ``auto`` (the largest κ that fits the device's free memory)."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -89,8 +94,9 @@ def make_parser(prog: str, description: str, *, outer_steps: int, rank: int, rho
     solver.add_argument("--rank", type=positive_int, default=rank, help="Nyström rank [k]")
     solver.add_argument("--rho", type=positive_float, default=rho,
                         help="Nyström regulariser [ρ]; also the damping of cg and exact")
-    solver.add_argument("--chunk", type=positive_int, default=None,
-                        help="Nyström columns held at once [κ], 1..rank; default rank (time-efficient)")
+    solver.add_argument("--chunk", type=chunk_value, default=None,
+                        help="Nyström columns held at once [κ], 1..rank or 'auto' (the largest that fits the "
+                             "device's free memory); default rank (time-efficient)")
     solver.add_argument("--iters", type=positive_int, default=iters, help="cg / Neumann iterations [l]")
     solver.add_argument("--alpha", type=positive_float, default=alpha, help="Neumann step size [α]")
     solver.add_argument("--sketch", choices=SKETCHES, default="columns",

@@ -82,3 +82,12 @@ def logistic() -> Problem:
     with torch.no_grad():
         model.weight.copy_(theta[None])
     return Problem(model, phi, lambda m: f(m.weight[0], phi), lambda m: val(m.weight[0]), exact, H)
+
+
+@pytest.fixture(autouse=True)
+def _func_engine_on_small_models(monkeypatch):
+    """The tests' models are tiny; keep engine="func" on torch.func there (hyperopt_torch.hvp.FUNC_MIN_PARAMS)
+    so both engines stay covered.  tests/test_hvp.py checks the size rule itself."""
+    from hyperopt_torch import hvp
+
+    monkeypatch.setattr(hvp, "FUNC_MIN_PARAMS", 0)

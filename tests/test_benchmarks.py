@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import accuracy, common, nystrom_overhead, speed_memory
+from benchmarks import accuracy, common, nystrom_overhead, peers, scaling, speed_memory
 from recipes.wideresnet import WideResNet, wrn28
 
 
@@ -99,7 +99,63 @@ def test_nystrom_overhead_agrees_with_the_reference_and_writes_json_and_png(tmp_
                                     "--rank", "3", "--repeats", "1", "--warmup", "0"])
     assert result["relative_difference_to_reference"] < 1e-4  # same index set, same Eq. 6, float32
     saved = json.loads((tmp_path / "overhead.json").read_text())
-    assert set(saved["median_seconds"]) == {"step", "step_autograd", "floor", "reference"}
+    assert set(saved["median_seconds"]) == {"step", "step_autograd", "floor_vmap", "floor_loop", "reference"}
+    assert saved["floor"] in ("floor_vmap", "floor_loop") and saved["clock"] == "process_time"
     assert saved["step_over_floor"] > 0 and saved["step_over_reference"] > 0
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "overhead.png").stat().st_size > 0
+
+
+def test_nystrom_overhead_on_the_reweighting_mlp_times_every_strategy_floor(tmp_path):
+    result = nystrom_overhead.main(["--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--model", "mlp",
+                                    "--width", "8", "--batch", "4", "--rank", "4", "--repeats", "1", "--warmup", "0"])
+    assert set(result["median_seconds"]) == {"step", "step_autograd", "floor_vmap", "floor_loop", "floor_vmap:2"}
+    assert result["params"] == 784 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10 and result["relative_difference_to_reference"] is None
+    assert result["step_hvp_strategy"] in ("vmap", "loop", "vmap:2")
+
+
+class _Fake:
+    """A stand-in peer: computes the hypergradient with our own code, so it must agree exactly."""
+
+    def __call__(self, problem, solver, iters):
+        return peers.ours(problem, solver, iters)
+
+
+def test_peers_times_ours_and_installed_peers_and_compares_their_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(peers, "available_peers", lambda: {"fake": _Fake()})
+    data = peers.main(["--out", str(tmp_path), "--threads", "1", "--problems", "ridge,mlp", "--iters", "2",
+                       "--warmup", "0", "--repeats", "2"])
+    saved = json.loads((tmp_path / "peers.json").read_text())
+    assert [(r["problem"], r["solver"]) for r in saved["rows"]] == [
+        ("ridge", "cg"), ("ridge", "neumann"), ("mlp", "cg"), ("mlp", "neumann")]
+    assert [r["p"] for r in saved["rows"]] == [200, 200, 754, 754]
+    for row in saved["rows"]:
+        assert set(row["methods"]) == {"ours", "fake"} and row["fastest_peer"] == "fake"
+        assert row["methods"]["fake"]["relative_difference_to_ours"] == 0
+        assert row["ours_over_fastest_peer"] > 0 and len(row["methods"]["ours"]["seconds_all"]) == 2
+    assert saved["missing_peers"] == ["betty", "hypertorch", "torchopt"]
+    assert "| ridge | 200 | cg l=2 |" in peers.markdown_table(data)
+
+
+def test_peers_rejects_unknown_problems(tmp_path):
+    with pytest.raises(SystemExit):
+        peers.main(["--out", str(tmp_path), "--problems", "ridge,bogus"])
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in peers.PEERS.values()), reason="peers not installed")
+def test_installed_peers_agree_with_ours_where_they_solve_the_same_system(tmp_path):
+    """hypertorch's and torchopt's CG and torchopt's / betty's Neumann run the same iteration as ours."""
+    problem = peers.Problem("logistic", dtype=torch.float64)
+    for solver, names in (("cg", ("hypertorch", "torchopt")), ("neumann", ("betty", "torchopt"))):
+        ref = peers.ours(problem, solver, 5)()
+        for name in names:
+            assert peers.relative_difference(getattr(peers, name)(problem, solver, 5)(), ref) < 1e-10, (name, solver)
+
+
+def test_scaling_writes_both_curves(tmp_path):
+    data = scaling.main(["--out", str(tmp_path), "--threads", "1", "--batch", "2", "--ks", "1", "2", "--widths", "4",
+                         "--rank", "2", "--warmup", "0", "--repeats", "1"])
+    saved = json.loads((tmp_path / "scaling.json").read_text())
+    assert [(r["method"], r["k"]) for r in saved["in_k"]] == [("nystrom", 1), ("cg", 1), ("nystrom", 2), ("cg", 2)]
+    assert [r["p"] for r in saved["in_p"]] == [784 * 4 + 4 + 4 * 4 + 4 + 4 * 10 + 10] * 2
+    assert "| 2 | nystrom |" in scaling.markdown_tables(data)

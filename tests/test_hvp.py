@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from hyperopt_torch import hvp as hvp_module
 from hyperopt_torch.hvp import HessianVectorProduct, flatten, training_hvp, unflatten
 
 DT = torch.float64
@@ -82,3 +83,87 @@ def test_func_engine_matches_autograd_engine():
     V = torch.randn(4, sum(p.numel() for p in model.parameters()), dtype=DT)
     out = {e: training_hvp(loss, model, list(model.parameters()), e)[0](V) for e in ("func", "autograd")}
     torch.testing.assert_close(out["func"], out["autograd"], rtol=1e-12, atol=1e-14)
+
+
+def _dense_hessian(model, X, y):
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    def f(v):
+        out = torch.func.functional_call(model, dict(zip(names, unflatten(v, params))), (X,))
+        return nn.functional.cross_entropy(out, y)
+
+    return torch.func.hessian(f)(flatten([q.detach() for q in params], params))
+
+
+@pytest.mark.parametrize("engine,strategy", [("func", "vmap"), ("func", "loop"), ("func", "vmap:3"),
+                                             ("autograd", "vmap"), ("autograd", "loop")])
+def test_every_batching_strategy_gives_the_dense_hessian_rows(engine, strategy):
+    model, X, y = _mlp_problem()
+    hvp, _ = training_hvp(lambda m: nn.functional.cross_entropy(m(X), y), model, list(model.parameters()), engine)
+    hvp.forced = strategy
+    V = torch.randn(5, hvp.numel, dtype=DT)
+    torch.testing.assert_close(hvp(V), V @ _dense_hessian(model, X, y), rtol=1e-10, atol=1e-12)
+    assert hvp.strategy == strategy and hvp.calls == 5
+
+
+def test_strategy_is_the_fastest_measured_remembered_per_layout_and_ties_go_to_the_first(monkeypatch):
+    """The choice is a pure function of the measured times: a fake clock charges each strategy a fixed cost."""
+    cost = {"vmap": 3.0, "loop": 1.0, "vmap:3": 1.0}
+    now = [0.0]
+    monkeypatch.setattr(hvp_module.time, "perf_counter", lambda: now[0])
+    real_block = HessianVectorProduct._block
+    ran = []
+
+    def charged(self, V, strategy, out=None):
+        ran.append(strategy)
+        now[0] += cost.get(strategy, 0.0)
+        return real_block(self, V, strategy, out)
+
+    monkeypatch.setattr(HessianVectorProduct, "_block", charged)
+    monkeypatch.setattr(hvp_module, "STRATEGY_CACHE", {})
+    model, X, y = _mlp_problem()
+    loss = lambda m: nn.functional.cross_entropy(m(X), y)
+    hvp, _ = training_hvp(loss, model, list(model.parameters()))
+    V = torch.randn(5, hvp.numel, dtype=DT)
+    out = hvp(V)
+    assert ran == ["vmap", "loop", "vmap:3"] * 3  # warm-up run, then two timed rounds
+    assert hvp.strategy == "loop"  # loop and vmap:3 tie at 1.0: the earlier candidate wins
+    (entry,) = hvp_module.STRATEGY_CACHE.values()
+    assert entry == {"strategy": "loop", "seconds": {"vmap": 3.0, "loop": 1.0, "vmap:3": 1.0}}
+    torch.testing.assert_close(out, V @ _dense_hessian(model, X, y), rtol=1e-10, atol=1e-12)
+    # A new graph over the same layout reuses the choice without measuring; another block size measures again.
+    ran.clear()
+    hvp2, _ = training_hvp(loss, model, list(model.parameters()))
+    hvp2(V)
+    assert ran == ["loop"] and hvp2.strategy == "loop"
+    hvp2(V[:2])
+    assert ran[1:] == ["vmap", "loop"] * 3 and len(hvp_module.STRATEGY_CACHE) == 2
+
+
+def test_hypergradient_info_records_the_strategy():
+    from hyperopt_torch import ConjugateGradient, Nystrom, implicit_hypergradient
+
+    model, X, y = _mlp_problem()
+    phi = torch.zeros(5, 4, dtype=DT, requires_grad=True)
+    loss = lambda m: nn.functional.cross_entropy(m(X), y) + (phi.exp() * m[0].weight ** 2).sum()
+    val = lambda m: nn.functional.cross_entropy(m(X[:7]), y[:7])
+    cg = implicit_hypergradient([phi], loss, val, model, ConjugateGradient(3)).info
+    assert cg.hvp_strategy == "single" and cg.chunk is None
+    ny = implicit_hypergradient([phi], loss, val, model, Nystrom(rank=4), generator=torch.Generator().manual_seed(0))
+    assert ny.info.hvp_strategy in ("vmap", "loop", "vmap:2")
+    assert ny.info.chunk == 4
+
+
+def test_func_engine_uses_autograd_below_the_size_threshold(monkeypatch):
+    model, X, y = _mlp_problem()
+    loss = lambda m: nn.functional.cross_entropy(m(X), y)
+    params = list(model.parameters())
+    p = sum(q.numel() for q in params)
+    monkeypatch.setattr(hvp_module, "FUNC_MIN_PARAMS", p + 1)
+    small, _ = training_hvp(loss, model, params, "func")
+    monkeypatch.setattr(hvp_module, "FUNC_MIN_PARAMS", p)
+    large, _ = training_hvp(loss, model, params, "func")
+    assert small.engine == "autograd" and large.engine == "func"
+    V = torch.randn(3, p, dtype=DT)
+    torch.testing.assert_close(small(V), large(V), rtol=1e-12, atol=1e-14)

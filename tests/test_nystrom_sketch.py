@@ -1,0 +1,90 @@
+"""The Nyström sketch's small quantities, its test matrix and chunk="auto" against dense linear algebra."""
+
+import pytest
+import torch
+
+from hyperopt_torch import Nystrom, implicit_hypergradient
+from hyperopt_torch.ihvp import nystrom, nystrom_sketch, sample_columns
+
+DT = torch.float64
+
+
+def spd(p, seed=0, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(p, p, generator=g, dtype=DT)
+    return (B @ B.T / p + 0.1 * torch.eye(p, dtype=DT)).to(dtype)
+
+
+def rel(x, y):
+    return ((x - y).norm() / y.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_slabbed_gram_equals_one_float64_product(monkeypatch, dtype):
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(4, 50, generator=g).to(dtype), torch.randn(3, 50, generator=g).to(dtype)
+    monkeypatch.setattr(nystrom, "_SLAB", 7)  # 8 slabs, the last one ragged
+    for X, Y in ((A, B), (A, A)):
+        exact = X.double() @ Y.double().T
+        assert rel(nystrom._gram(X, Y), exact) < 1e-13
+
+
+@pytest.mark.parametrize("sketch", ["columns", "gaussian"])
+@pytest.mark.parametrize("chunk", [None, 2, 3])
+def test_sketch_quantities_match_dense_products_to_1e_13(monkeypatch, sketch, chunk):
+    """W = ΩᵀHΩ, G = (HΩ)ᵀHΩ, c = (HΩ)ᵀb and combine(β) = HΩβ, with Ω rebuilt from the same generator state."""
+    monkeypatch.setattr(nystrom, "_SLAB", 5)
+    p, k = 23, 7
+    A = spd(p)
+    b = torch.randn(p, generator=torch.Generator().manual_seed(2), dtype=DT)
+    W, G, c, combine = nystrom_sketch(lambda V: V @ A, b, k, chunk, sketch, torch.Generator().manual_seed(3))
+    rows, _ = nystrom._test_matrix(sketch, p, k, b, torch.Generator().manual_seed(3))
+    Omega = rows(0, k).T  # p x k
+    HO = A @ Omega
+    assert rel(W, Omega.T @ HO) < 1e-13 and rel(G, HO.T @ HO) < 1e-13 and rel(c, HO.T @ b) < 1e-13
+    beta = torch.randn(k, generator=torch.Generator().manual_seed(4), dtype=DT)
+    assert rel(combine(beta), HO @ beta) < 1e-13
+
+
+def test_column_rows_are_the_unit_vectors_of_the_sampled_indices():
+    p, k = 30, 6
+    b = torch.zeros(p, dtype=torch.float32)
+    rows, project = nystrom._test_matrix("columns", p, k, b, torch.Generator().manual_seed(5))
+    index = sample_columns(p, k, torch.Generator().manual_seed(5))
+    assert torch.equal(rows(1, 4), torch.eye(p)[index[1:4]])
+    Y = torch.randn(2, p)
+    assert project(0, k, Y).dtype == DT and torch.equal(project(0, k, Y), Y[:, index].T.double())
+
+
+def test_chunk_auto_picks_the_largest_kappa_that_fits_and_reports_it(monkeypatch):
+    p, k = 40, 8
+    A = spd(p)
+    b = torch.randn(p, generator=torch.Generator().manual_seed(6), dtype=DT)
+    per_column = 4 * p * b.element_size()
+    monkeypatch.setattr(nystrom, "free_memory", lambda device: int(3.5 * per_column / nystrom.AUTO_MARGIN))
+    assert nystrom.auto_chunk(lambda V: V @ A, b, k) == 3
+    solver = Nystrom(rank=k, chunk="auto")
+    x = solver.solve(lambda V: V @ A, b, torch.Generator().manual_seed(0))
+    assert solver.last_chunk == 3
+    fixed = Nystrom(rank=k, chunk=3).solve(lambda V: V @ A, b, torch.Generator().manual_seed(0))
+    assert rel(x, fixed) < 1e-13
+    monkeypatch.setattr(nystrom, "free_memory", lambda device: 10**15)
+    assert nystrom.auto_chunk(lambda V: V @ A, b, k) == k  # never above k
+    monkeypatch.setattr(nystrom, "free_memory", lambda device: 0)
+    assert nystrom.auto_chunk(lambda V: V @ A, b, k) == 1  # never below 1
+
+
+def test_chunk_auto_reads_this_machines_free_memory_and_lands_in_diagnostics():
+    assert nystrom.free_memory(torch.device("cpu")) > 0
+    model = torch.nn.Linear(3, 1).double()
+    phi = torch.zeros(1, dtype=DT, requires_grad=True)
+    X = torch.randn(10, 3, dtype=DT)
+    train = lambda m: (m(X) ** 2).mean() + phi.exp() * (m.weight ** 2).sum()
+    info = implicit_hypergradient([phi], train, lambda m: m(X).mean() ** 2, model, Nystrom(rank=3, chunk="auto")).info
+    assert info.chunk == 3 and "chunk='auto'" in info.solver
+
+
+@pytest.mark.parametrize("chunk", ["automatic", 0, 9])
+def test_invalid_chunk_names_the_argument(chunk):
+    with pytest.raises(ValueError, match="Invalid chunk"):
+        Nystrom(rank=8, chunk=chunk)
