@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -82,3 +83,21 @@ def logistic() -> Problem:
     with torch.no_grad():
         model.weight.copy_(theta[None])
     return Problem(model, phi, lambda m: f(m.weight[0], phi), lambda m: val(m.weight[0]), exact, H)
+
+
+@pytest.fixture
+def figures(monkeypatch) -> dict:
+    """The matplotlib figures the recipes draw, by file name, instead of PNG files (skips without matplotlib)."""
+    figure_module = pytest.importorskip("matplotlib.figure")
+    from recipes import common
+
+    drawn = {}
+
+    def capture(path, draw, *, figsize=(7.0, 6.0)):
+        fig = figure_module.Figure(figsize=figsize)
+        draw(fig)
+        drawn[Path(path).name] = fig
+        return True
+
+    monkeypatch.setattr(common, "save_figure", capture)
+    return drawn
