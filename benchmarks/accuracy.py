@@ -36,7 +36,7 @@ still be good.
 
 Usage::
 
-    python -m benchmarks.accuracy --out results/accuracy           # about a minute on CPU
+    python -m benchmarks.accuracy --threads 1 --out results/accuracy   # ~45 s of CPU time
     python -m benchmarks.accuracy --full --out results/accuracy    # larger problems, more seeds
 """
 
