@@ -26,13 +26,17 @@ Part 2 (Figure 1): inverses of ``A + ρI`` (40×40, rank-20 A, ρ = 0.1) —
 exact, Nyström rank 5/10/20, Neumann — and Theorem 1's bound
 ``‖h* − h‖ ≤ ‖g‖‖F‖ (1/ρ)‖E‖/(ρ + ‖E‖)`` checked on random PSD problems.
 
-Part 3 (Table 6 / Figures 3–4 idea): error of Nyström over
-ρ ∈ {0.01, 0.1, 1} × k ∈ {5, 10, 20} next to Neumann over α ∈ {0.01, 0.1, 1} × l
-and CG over damping ∈ {0.01, 0.1, 1} × l (our CG has no step size), on every problem.
+Part 3 (Table 6 / Figures 3–4 idea): relative error and cosine to h* of
+Nyström over ρ ∈ {0.01, 0.1, 1} × k ∈ {5, 10, 20, p} next to Neumann over
+α ∈ {0.01, 0.1, 1} × l and CG over damping ∈ {0.01, 0.1, 1} × l (our CG has no
+step size), on every problem.  The cosine is the direction measure: outside
+the sketch Nyström scales b by 1/ρ, so on a full-rank Hessian with ρ below its
+small eigenvalues the norm is off by up to 1/(ρλ) while the direction can
+still be good.
 
 Usage::
 
-    python -m benchmarks.accuracy --out results/accuracy           # about a minute on CPU
+    python -m benchmarks.accuracy --threads 1 --out results/accuracy   # ~45 s of CPU time
     python -m benchmarks.accuracy --full --out results/accuracy    # larger problems, more seeds
 """
 
@@ -205,19 +209,27 @@ def error_vs_cost(problem: Problem, costs: list[int], seeds: int) -> dict:
 
 
 def robustness(problem: Problem, seeds: int) -> dict:
-    """Part 3: error grids over (ρ or α or damping) × (k or l)."""
-    settings, sizes = [0.01, 0.1, 1.0], [5, 10, 20]
+    """Part 3: grids over (ρ or α or damping) × (k or l), k and l up to p.
+
+    Returns ``{"settings", "sizes", "methods": {name: {"error": grid, "cosine": grid}}}`` with
+    ``grid[i][j]`` for ``settings[i]`` and ``sizes[j]`` (Nyström: the mean over ``seeds`` sketches).
+    """
+    settings = [0.01, 0.1, 1.0]
+    sizes = sorted({n for n in (5, 10, 20) if n < problem.theta.numel()} | {problem.theta.numel()})
 
     def grid(make, seeded):
-        return [[_mean_over_seeds([implicit_point(problem, make(s, n), sd) for sd in range(seeds if seeded else 1)])["error"]
-                 for n in sizes] for s in settings]
+        points = [[_mean_over_seeds([implicit_point(problem, make(s, n), sd) for sd in range(seeds if seeded else 1)])
+                   for n in sizes] for s in settings]
+        return {key: [[pt[key] for pt in row] for row in points] for key in ("error", "cosine")}
 
     return {
         "settings": settings,
         "sizes": sizes,
-        "Nyström (ρ × k)": grid(lambda s, n: Nystrom(rank=n, rho=s), True),
-        "CG (damping × l)": grid(lambda s, n: ConjugateGradient(iters=n, rho=s), False),
-        "Neumann (α × l)": grid(lambda s, n: Neumann(iters=n, alpha=s), False),
+        "methods": {
+            "Nyström (ρ × k)": grid(lambda s, n: Nystrom(rank=n, rho=s), True),
+            "CG (damping × l)": grid(lambda s, n: ConjugateGradient(iters=n, rho=s), False),
+            "Neumann (α × l)": grid(lambda s, n: Neumann(iters=n, alpha=s), False),
+        },
     }
 
 
@@ -312,17 +324,29 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def summary_table(data: dict) -> str:
-    """Relative error per method at a few costs, one Markdown table per problem."""
+    """Relative error (cosine to h*) per method at every cost, then Nyström's ρ × k grid, per problem (Markdown)."""
     out = []
     for name, prob in data["problems"].items():
         out.append(f"\n{name} (p={prob['parameters']}, λ ∈ [{prob['eigenvalue_min']:.2g}, {prob['eigenvalue_max']:.2g}])\n")
         params = sorted({pt["param"] for c in prob["curves"].values() for pt in c})
-        out.append("| method | " + " | ".join(f"l/k/T={n}" for n in params) + " |")
+        out.append("| method: error (cosine) | " + " | ".join(f"l/k/T={n}" for n in params) + " |")
         out.append("|---|" + "---|" * len(params))
         for method, pts in prob["curves"].items():
-            by = {pt["param"]: pt["error"] for pt in pts}
-            out.append(f"| {method} | " + " | ".join(f"{by[n]:.2g}" if n in by else "" for n in params) + " |")
+            by = {pt["param"]: pt for pt in pts}
+            out.append(f"| {method} | " + " | ".join(_cell(by[n]["error"], by[n]["cosine"]) if n in by else ""
+                                                     for n in params) + " |")
+        rob = prob["robustness"]
+        nystrom = rob["methods"]["Nyström (ρ × k)"]
+        out.append("\n| Nyström: error (cosine) | " + " | ".join(f"k={n}" for n in rob["sizes"]) + " |")
+        out.append("|---|" + "---|" * len(rob["sizes"]))
+        for i, rho in enumerate(rob["settings"]):
+            out.append(f"| ρ={rho:g} | " + " | ".join(_cell(e, c) for e, c in zip(nystrom["error"][i], nystrom["cosine"][i]))
+                       + " |")
     return "\n".join(out)
+
+
+def _cell(error: float, cosine: float) -> str:
+    return f"{error:.2g} ({cosine:.2f})"
 
 
 def _plot_curves(fig, data: dict) -> None:
@@ -378,22 +402,25 @@ def _plot_theorem(fig, points: list[dict]) -> None:
 
 def _plot_robustness(fig, data: dict) -> None:
     rows = [(n, p["robustness"]) for n, p in data["problems"].items() if "robustness" in p]
-    methods = [m for m in rows[0][1] if m not in ("settings", "sizes")]
+    methods = list(rows[0][1]["methods"])
     axes = fig.subplots(len(rows), len(methods), squeeze=False)
     for i, (name, rob) in enumerate(rows):
         for j, method in enumerate(methods):
             ax = axes[i][j]
-            grid = torch.tensor(rob[method], dtype=DT).nan_to_num(nan=1e6, posinf=1e6).clamp(1e-6, 1e6)
+            errors, cosines = rob["methods"][method]["error"], rob["methods"][method]["cosine"]
+            grid = torch.tensor(errors, dtype=DT).nan_to_num(nan=1e6, posinf=1e6).clamp(1e-6, 1e6)
             ax.imshow(grid.log10().numpy(), cmap="viridis", vmin=-6, vmax=2)
             for a in range(grid.shape[0]):
                 for b in range(grid.shape[1]):
-                    v = rob[method][a][b]
-                    ax.text(b, a, f"{v:.1g}" if math.isfinite(v) and v < 1e6 else "div", ha="center", va="center", color="w", fontsize=8)
+                    v, c = errors[a][b], cosines[a][b]
+                    text = f"{v:.1g}\n{c:.2f}" if math.isfinite(v) and v < 1e6 else "div"
+                    ax.text(b, a, text, ha="center", va="center", color="w", fontsize=7)
             ax.set_xticks(range(len(rob["sizes"])), [str(s) for s in rob["sizes"]])
             ax.set_yticks(range(len(rob["settings"])), [str(s) for s in rob["settings"]])
             ax.set_title(f"{name}: {method}", fontsize=9)
             ax.set_xlabel("k" if "Nyström" in method else "l")
-    fig.suptitle("relative hypergradient error (log10 colour; 'div': diverged)", fontsize=9)
+    fig.suptitle("relative hypergradient error (top number, log10 colour; 'div': diverged) "
+                 "and cosine to the exact hypergradient (bottom number)", fontsize=9)
 
 
 if __name__ == "__main__":

@@ -50,11 +50,14 @@ class RecipeError(RuntimeError):
 
 @contextlib.contextmanager
 def clean_errors() -> Iterator[None]:
-    """Turn :class:`RecipeError` and :class:`DatasetMissing` into ``SystemExit("error: ...")`` (no traceback)."""
+    """Turn :class:`RecipeError` and :class:`DatasetMissing` into ``SystemExit("error: ...")`` (no traceback).
+
+    The message is folded onto one line.
+    """
     try:
         yield
     except (RecipeError, DatasetMissing) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise SystemExit("error: " + " ".join(str(error).split())) from None
 
 
 def positive_int(text: str) -> int:
@@ -74,6 +77,41 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def check_finite(loss: torch.Tensor | float, what: str, hint: str) -> None:
+    """Stop the run with a :class:`RecipeError` if ``loss`` (a number or a tensor of them) is not finite.
+
+    A diverged inner loop (too large a learning rate, for example) otherwise runs to the end with NaN
+    curves and exit status 0.  ``what`` names the value, ``hint`` the flags to change.  A tensor costs
+    one host synchronisation, so call this once per outer step, not once per inner step.
+    """
+    values = torch.as_tensor(loss)
+    if not bool(torch.isfinite(values).all()):
+        bad = values[~torch.isfinite(values)].flatten()[0].item()
+        raise RecipeError(f"{what} became {bad}: the inner loop diverged; {hint}")
+
+
+def outer_step(hopt, train_loss_fn: Callable, val_loss_fn: Callable, model: torch.nn.Module, solver: str):
+    """``hopt.step(train_loss_fn, val_loss_fn, model)``, with the library's refusals as one-line errors.
+
+    The library raises ``ValueError`` when a solver cannot serve this problem (for example ``Exact``'s
+    dense Hessian for a model too large for it); in a recipe that is a flag choice, not a bug.
+
+    Raises:
+        RecipeError: the ``ValueError``'s message, prefixed with ``--ihvp <solver>``.
+    """
+    try:
+        return hopt.step(train_loss_fn, val_loss_fn, model)
+    except ValueError as error:
+        raise RecipeError(f"--ihvp {solver}: {error}") from None
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):

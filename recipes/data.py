@@ -91,6 +91,12 @@ def load_split(name: str, root: str | os.PathLike, *, train: bool, download: boo
         dataset = dataset_class(root=os.fspath(root), train=train, download=download)
     except (RuntimeError, OSError) as error:
         expected = Path(root) / class_name / "raw" / IDX_FILES[train][0]
+        if download:  # the files were asked for and could not be fetched: say why, not "pass --download"
+            raise DatasetMissing(
+                f"could not download {name} into {root}: {_download_failure(error)}. Without a network, write the "
+                f"files with `python -m scripts.prepare_offline_data` and point --data-root at them "
+                f"({expected} is expected)."
+            ) from None
         raise DatasetMissing(
             f"{name} not found: expected {expected} ({error}). "
             f"Pass --download, or point --data-root at a folder laid out for torchvision.datasets.{class_name}."
@@ -98,6 +104,13 @@ def load_split(name: str, root: str | os.PathLike, *, train: bool, download: boo
     # The uint8 tensors are read directly: torchvision's __getitem__ goes through PIL one image at a time.
     images = dataset.data.unsqueeze(1).float().div_(255.0).sub_(mean).div_(std)
     return images, dataset.targets.long()
+
+
+def _download_failure(error: Exception) -> str:
+    """The causes in torchvision's multi-line download error ("Tried <mirror>, got: <cause>"), once each."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    causes = [line for line in lines if line and not line.startswith(("Tried ", "Error downloading "))]
+    return "; ".join(dict.fromkeys(causes)) or " ".join(lines)
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -37,6 +37,11 @@ from .data import DATASETS, load_split
 from .models import LeNet
 
 CURVES = ("val_loss", "train_loss", "hvps", "seconds")
+CLASS_NAMES = {
+    "mnist": tuple(str(digit) for digit in range(10)),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+}
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -110,6 +115,8 @@ def plot_images(path, images: Tensor, args: argparse.Namespace) -> None:
         for i, ax in enumerate(axes.T.flatten()):  # one column per class
             ax.imshow(pixels[i], cmap="gray", vmin=0, vmax=1)
             ax.set_axis_off()
+        for ax, name in zip(axes[0], CLASS_NAMES[args.dataset]):
+            ax.set_title(name, fontsize=9)
         fig.suptitle(f"{len(pixels)} distilled {args.dataset} images, {args.ihvp}, one column per class")
 
     common.save_figure(path, draw, figsize=(10.0, 1.0 * args.per_class + 0.6))
@@ -119,14 +126,19 @@ def plot_curves(path, curves: dict, args: argparse.Namespace) -> None:
     def draw(fig) -> None:
         left, right = fig.subplots(1, 2)
         val = torch.tensor(curves["val_loss"])
-        window = max(1, len(val) // 50)
-        smooth = val.unfold(0, window, 1).mean(1) if len(val) >= window else val
-        left.plot(range(1, len(val) + 1), val.tolist(), alpha=0.3, linewidth=0.6, label="per step")
-        left.plot(range(window, window + len(smooth)), smooth.tolist(), label=f"mean of {window}")
+        window = len(val) // 50  # a running mean only where there are enough steps to smooth
+        left.plot(range(1, len(val) + 1), val.tolist(), alpha=0.3 if window > 1 else 1.0, linewidth=0.6,
+                  label="per step")
+        if window > 1:
+            smooth = val.unfold(0, window, 1).mean(1)
+            left.plot(range(window, window + len(smooth)), smooth.tolist(), label=f"running mean of {window} steps")
         left.set(xlabel="outer step", ylabel="validation loss (real images)", title=f"{args.dataset}, {args.ihvp}")
         left.legend()
-        right.plot(curves["eval_step"], curves["test_acc"], marker="o")
-        right.set(xlabel="outer step", ylabel="test accuracy", title="net trained on the distilled images")
+        right.plot(curves["eval_step"], curves["test_acc"], marker="o", label="test accuracy")
+        right.axhline(0.1, color="gray", linestyle=":", label="chance (10 classes)")
+        right.legend()
+        # The whole accuracy range, chance (0.1) included: autoscaling would blow a flat curve up to a 0.001 span.
+        right.set(xlabel="outer step", ylabel="test accuracy", title="net trained on the distilled images", ylim=(0, 1))
         for ax in (left, right):
             ax.grid(alpha=0.3)
 
@@ -171,12 +183,15 @@ def main(argv=None) -> dict:
     start = len(curves["val_loss"])
     bar = common.progress(args, total=args.outer_steps, initial=start, desc=f"distillation {args.ihvp}")
     for step in range(start, args.outer_steps):
-        # Inner problem: train the reset network on the current images, φ held fixed.
-        train_loss = train_on_distilled(model, theta_init, images.detach(), labels, args)
+        with common.clean_errors():  # a diverged inner loop or a solver refusing the model: one line, exit 1
+            # Inner problem: train the reset network on the current images, φ held fixed.
+            train_loss = train_on_distilled(model, theta_init, images.detach(), labels, args)
+            common.check_finite(train_loss, f"outer step {step + 1}: the inner training loss", "lower --inner-lr")
 
-        # Outer step: hypergradient of the loss on a batch of real training images.
-        index = torch.randint(len(x_train), (args.val_batch,), generator=batches).to(device)
-        info = hopt.step(train_loss_fn, lambda m: F.cross_entropy(m(x_train[index]), y_train[index]), model)
+            # Outer step: hypergradient of the loss on a batch of real training images.
+            index = torch.randint(len(x_train), (args.val_batch,), generator=batches).to(device)
+            info = common.outer_step(hopt, train_loss_fn, lambda m: F.cross_entropy(m(x_train[index]), y_train[index]),
+                                     model, args.ihvp)
 
         curves["val_loss"].append(info.val_loss)
         curves["train_loss"].append(train_loss)

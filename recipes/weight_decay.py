@@ -48,6 +48,15 @@ SAWTOOTH_OUTER_STEPS = 30  # the bottom panel shows the inner losses of the firs
 INIT_DECAY = {"logistic": 1.0, "mlp": 0.1}
 # The MLP needs longer inner loops to fit its training set (100 steps leave it at ~96 %).
 INNER_STEPS = {"logistic": 100, "mlp": 400}
+# One line style per solver: several solvers give nearly the same curves (cg, exact and identity on the
+# logistic problem), and colour alone would hide all but the last one drawn.
+STYLES = {
+    "nystrom": {"linestyle": "-"},
+    "cg": {"linestyle": "--", "marker": "o"},
+    "neumann": {"linestyle": "-", "marker": "x"},
+    "identity": {"linestyle": "-.", "marker": "s"},
+    "exact": {"linestyle": ":", "marker": "^", "linewidth": 2.0},
+}
 CURVES = ("val_loss", "train_loss", "test_loss", "val_acc", "train_acc", "test_acc", "decay_mean", "hvps", "seconds")
 
 
@@ -65,14 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     task.add_argument("--n-train", type=common.positive_int, default=500, help="training points")
     task.add_argument("--n-val", type=common.positive_int, default=500, help="validation points")
     task.add_argument("--n-test", type=common.positive_int, default=500, help="held-out test points (reported only)")
-    task.add_argument("--noise", type=float, default=0.1, help="std of the label noise ε")
+    task.add_argument("--noise", type=common.nonnegative_float, default=0.1, help="std of the label noise ε")
     task.add_argument("--inner-steps", type=common.positive_int, default=None,
                       help="inner SGD steps per outer step (θ is reset after them); default 100 for logistic (paper), "
                            "400 for mlp")
     task.add_argument("--inner-lr", type=common.positive_float, default=0.1, help="inner SGD learning rate")
     task.add_argument("--outer-lr", type=common.positive_float, default=1.0, help="outer SGD learning rate")
-    task.add_argument("--momentum", type=float, default=0.9, help="outer SGD momentum")
-    task.add_argument("--init-decay", type=float, default=None,
+    task.add_argument("--momentum", type=common.nonnegative_float, default=0.9, help="outer SGD momentum")
+    task.add_argument("--init-decay", type=common.nonnegative_float, default=None,
                       help="initial value of every φ_i; default 1 for logistic (paper), 0.1 for mlp")
     task.add_argument("--seeds", type=common.positive_int, default=1,
                       help="runs with seeds --seed, --seed+1, ...; curves are averaged")
@@ -167,10 +176,14 @@ def run(args: argparse.Namespace, method: str, seed: int, device: torch.device, 
             loss.backward()
             inner_opt.step()
             losses[t] = data_loss.detach()
-        inner_losses.append(common.mean_over_ranks(losses))
+        # Averaged over the ranks first, so every rank takes the same decision.
+        losses = common.mean_over_ranks(losses)
+        common.check_finite(losses, f"{method}, seed {seed}, outer step {step + 1}: the inner training loss",
+                            "lower --inner-lr (plain SGD diverges once lr exceeds 2 / the largest curvature)")
+        inner_losses.append(losses)
 
         # Outer step at the inner solution θ_T, then projection onto φ ≥ 0.
-        info = hopt.step(train_loss_fn, val_loss_fn, model)
+        info = common.outer_step(hopt, train_loss_fn, val_loss_fn, model, method)
         with torch.no_grad():
             for phi in decay:
                 phi.clamp_(min=0.0)
@@ -214,7 +227,8 @@ def summarize(results: dict[str, list[dict]], seeds: list[int]) -> dict:
 def draw_band(ax, x: Tensor, rows: list[list[float]], label: str) -> None:
     mean, std = mean_std(rows)
     x = x.tolist()
-    line, = ax.plot(x, mean.tolist(), label=label, linewidth=1.2)
+    style = {"linewidth": 1.2, "markersize": 4, "fillstyle": "none", "markevery": 0.1, **STYLES.get(label, {})}
+    line, = ax.plot(x, mean.tolist(), label=label, **style)
     if len(rows) > 1:
         ax.fill_between(x, (mean - std).tolist(), (mean + std).tolist(), color=line.get_color(), alpha=0.2, linewidth=0)
 
@@ -272,7 +286,8 @@ def main(argv=None) -> dict:
     common.write_json(out / "metrics.json", metrics)
     for method in methods if common.is_main() else ():
         final = metrics["methods"][method]["final"]
-        print(f"{method:>9}: val loss {final['val_loss']['mean']:.4f} ± {final['val_loss']['std']:.4f}  "
+        spread = f" ± {final['val_loss']['std']:.4f}" if len(seeds) > 1 else ""  # no spread from one seed
+        print(f"{method:>9}: val loss {final['val_loss']['mean']:.4f}{spread}  "
               f"accuracy train {final['train_acc']['mean']:.3f} val {final['val_acc']['mean']:.3f} "
               f"test {final['test_acc']['mean']:.3f}")
     plot_losses(out / "losses.png", results, args)

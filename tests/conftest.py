@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -91,3 +92,21 @@ def _func_engine_on_small_models(monkeypatch):
     from hyperopt_torch import hvp
 
     monkeypatch.setattr(hvp, "FUNC_MIN_PARAMS", 0)
+
+
+@pytest.fixture
+def figures(monkeypatch) -> dict:
+    """The matplotlib figures the recipes draw, by file name, instead of PNG files (skips without matplotlib)."""
+    figure_module = pytest.importorskip("matplotlib.figure")
+    from recipes import common
+
+    drawn = {}
+
+    def capture(path, draw, *, figsize=(7.0, 6.0)):
+        fig = figure_module.Figure(figsize=figsize)
+        draw(fig)
+        drawn[Path(path).name] = fig
+        return True
+
+    monkeypatch.setattr(common, "save_figure", capture)
+    return drawn

@@ -73,8 +73,18 @@ def test_accuracy_writes_json_and_all_figures(tmp_path):
     # At l = p = 60, CG and full-rank Nyström solve the ridge system: CG exactly, Nyström up to ρ's bias.
     assert ridge["curves"]["CG"][-1]["error"] < 1e-8
     assert ridge["curves"]["Nyström columns ρ=0.01"][-1]["error"] < 0.1
+    for pt in ridge["curves"]["Nyström columns ρ=0.01"]:
+        assert -1.0 <= pt["cosine"] <= 1.0
+    assert ridge["curves"]["CG"][-1]["cosine"] > 1 - 1e-12
     rob = ridge["robustness"]
-    assert len(rob["Nyström (ρ × k)"]) == 3 and len(rob["Nyström (ρ × k)"][0]) == 3
+    assert rob["settings"] == [0.01, 0.1, 1.0] and rob["sizes"] == [5, 10, 20, 60]  # k, l up to p = 60
+    nystrom = rob["methods"]["Nyström (ρ × k)"]
+    assert set(nystrom) == {"error", "cosine"} and len(nystrom["cosine"]) == 3 and len(nystrom["cosine"][0]) == 4
+    # ridge is full rank with λ_min = 0.26 > ρ = 0.01: below k = p the 1/ρ scaling outside the sketch makes the
+    # norm far off while the direction stays close; at k = p only ρ's bias is left.
+    assert nystrom["error"][0][0] > 5 and nystrom["cosine"][0][0] > 0.5
+    assert nystrom["error"][0][-1] < 0.1 and nystrom["cosine"][0][-1] > 0.99
+    assert "(0.9" in accuracy.summary_table(data) and "| ρ=0.01 |" in accuracy.summary_table(data)
     assert set(saved["figure1_errors"]) == {"true inverse", "Nyström k=5", "Nyström k=10", "Nyström k=20", "Neumann l=20"}
     assert saved["figure1_errors"]["true inverse"] == 0
     assert saved["theorem1_max_error_over_bound"] <= 1.0  # Theorem 1 holds on every sampled case

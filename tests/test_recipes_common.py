@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import json
 
@@ -102,3 +103,52 @@ def test_written_idx_files_load_through_torchvision(tmp_path):
 def test_missing_dataset_raises_dataset_missing_naming_the_file(tmp_path):
     with pytest.raises(DatasetMissing, match="train-images-idx3-ubyte"):
         load_split("mnist", tmp_path, train=True)
+
+
+def test_nonnegative_float_accepts_zero_and_refuses_negatives_and_nan():
+    assert common.nonnegative_float("0") == 0.0
+    for bad in ("-1", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match=">= 0"):
+            common.nonnegative_float(bad)
+
+
+def test_check_finite_passes_finite_values_and_names_the_first_bad_one():
+    common.check_finite(torch.tensor([1.0, 2.0]), "loss", "hint")
+    common.check_finite(0.5, "loss", "hint")
+    with pytest.raises(common.RecipeError, match=r"^inner loss became inf: the inner loop diverged; lower it$"):
+        common.check_finite(torch.tensor([1.0, float("inf"), float("nan")]), "inner loss", "lower it")
+    with pytest.raises(common.RecipeError, match="became nan"):
+        common.check_finite(float("nan"), "inner loss", "lower it")
+
+
+def test_outer_step_turns_the_librarys_value_error_into_a_recipe_error():
+    class Refusing:
+        def step(self, *args):
+            raise ValueError("Exact() builds the dense 9x9 Hessian")
+
+    with pytest.raises(common.RecipeError, match=r"^--ihvp exact: Exact\(\) builds"):
+        common.outer_step(Refusing(), None, None, None, "exact")
+
+
+def test_clean_errors_folds_a_multi_line_message_onto_one_line():
+    with pytest.raises(SystemExit, match="^error: first second$"):
+        with common.clean_errors():
+            raise common.RecipeError("first\n  second\n")
+
+
+def test_failed_download_names_the_network_cause_not_pass_download(tmp_path, monkeypatch):
+    torchvision = import_torchvision()
+
+    def offline(root, train, download):  # what torchvision's MNIST.download raises without a network
+        assert download
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n"
+                           "Tried https://a.example/, got:\n<urlopen error [Errno -2] Name or service not known>\n"
+                           "Tried http://b.example/, got:\n<urlopen error [Errno -2] Name or service not known>\n")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(DatasetMissing) as info:
+        load_split("mnist", tmp_path, train=True, download=True)
+    message = str(info.value)
+    assert message.startswith(f"could not download mnist into {tmp_path}: <urlopen error [Errno -2] Name or service "
+                              "not known>. Without a network")
+    assert "Pass --download" not in message and "\n" not in message

@@ -51,3 +51,19 @@ def test_missing_dataset_exits_with_a_clean_message(tmp_path):
                             cwd=Path(__file__).parents[1])
     assert result.returncode == 1
     assert result.stderr.startswith("error: mnist not found") and "Traceback" not in result.stderr
+
+
+def test_plots_label_the_classes_and_keep_the_accuracy_axis_readable(tmp_path, data_root, figures):
+    distillation.main(["--dataset", "fashion-mnist", "--data-root", str(data_root), "--out", str(tmp_path), *SMALL])
+    image_axes = figures["distilled.png"].axes
+    assert [ax.get_title() for ax in image_axes[:10]] == list(distillation.CLASS_NAMES["fashion-mnist"])
+    loss_ax, acc_ax = figures["curves.png"].axes
+    assert [text.get_text() for text in loss_ax.get_legend().get_texts()] == ["per step"]  # no "mean of 1"
+    assert acc_ax.get_ylim() == (0.0, 1.0)
+
+
+def test_a_diverging_inner_loop_stops_with_a_message_and_nonzero_exit(tmp_path, data_root):
+    with pytest.raises(SystemExit) as info:
+        distillation.main(["--data-root", str(data_root), "--out", str(tmp_path), "--inner-lr", "1e6", *SMALL])
+    message = str(info.value.code)
+    assert message.startswith("error: outer step 1: the inner training loss became ") and "lower --inner-lr" in message

@@ -58,3 +58,41 @@ def test_runs_as_module_with_help():
     result = subprocess.run([sys.executable, "-m", "recipes.weight_decay", "--help"], capture_output=True, text=True,
                             cwd=Path(__file__).parents[1], check=True)
     assert "--ihvp" in result.stdout and "--outer-steps" in result.stdout and "--seeds" in result.stdout
+
+
+def test_exact_on_a_model_too_large_for_it_exits_with_one_line_naming_the_solver(tmp_path, capsys):
+    # The command: a 100 -> 300 -> 1 MLP has 30,601 parameters, too many for a dense Hessian.
+    with pytest.raises(SystemExit) as info:
+        weight_decay.main(["--ihvp", "exact", "--model", "mlp", "--hidden", "300", "--n-train", "50", "--n-val", "50",
+                           "--n-test", "10", "--inner-steps", "1", "--outer-steps", "1", "--no-progress",
+                           "--out", str(tmp_path)])
+    message = str(info.value.code)
+    assert message.startswith("error: --ihvp exact: ") and "\n" not in message
+
+
+@pytest.mark.parametrize("flag", ["--init-decay", "--momentum", "--noise"])
+def test_negative_values_of_nonnegative_flags_are_usage_errors(tmp_path, flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        weight_decay.main([flag, "-1", "--out", str(tmp_path), *SMALL])
+    assert info.value.code == 2 and "expected a number >= 0" in capsys.readouterr().err
+
+
+def test_a_diverging_inner_loop_stops_with_a_message_and_nonzero_exit(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        weight_decay.main(["--inner-lr", "100", "--outer-steps", "3", "--out", str(tmp_path), *SMALL])
+    message = str(info.value.code)  # a string code: Python prints it and exits with status 1
+    assert message.startswith("error: nystrom, seed 0, outer step 1: the inner training loss became ")
+    assert "lower --inner-lr" in message
+
+
+def test_one_seed_prints_no_spread(tmp_path, capsys):
+    weight_decay.main(["--ihvp", "identity", "--outer-steps", "2", "--out", str(tmp_path), *SMALL])
+    line = [row for row in capsys.readouterr().out.splitlines() if "val loss" in row][0]
+    assert "±" not in line
+
+
+def test_every_solver_gets_its_own_line_style_in_the_loss_plot(tmp_path, figures):
+    weight_decay.main(["--ihvp", "all", "--outer-steps", "2", "--out", str(tmp_path), *SMALL])
+    for ax in figures["losses.png"].axes:
+        styles = {(line.get_linestyle(), line.get_marker()) for line in ax.get_lines()}
+        assert len(styles) == 5  # cg, exact and identity overlap on this problem: colour alone hides them
