@@ -36,9 +36,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_scalar
 from ._model import LossCall, reaches
-
-Matvec = Callable[[Tensor], Tensor]
+from .ihvp import Matvec
 ENGINES = ("func", "autograd")
 
 
@@ -150,7 +150,7 @@ def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
         state = dict(zip(names, theta))
         state.update({n: b.clone() for n, b in zip(buffers, buffer_values)})
         loss = functional_call(wrapper, state, (loss_fn,), strict=False)
-        return _check_scalar(loss, "train_loss_fn")
+        return check_scalar(loss, "train_loss_fn")
 
     primals = tuple(p.detach() for p in params)
     grads, vjp_fn, loss = vjp(grad_and_value(loss_of, argnums=tuple(range(len(params)))), *primals, has_aux=True)
@@ -165,14 +165,6 @@ def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
 
 class _CapturedParameter(Exception):
     """The loss reads a model parameter through a captured reference."""
-
-
-def _check_scalar(loss, name: str) -> Tensor:
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(f"{name} must return a scalar tensor, got shape {tuple(loss.shape)}")
-    return loss.reshape(())
 
 
 def training_hvp(
@@ -210,7 +202,7 @@ def training_hvp(
         warnings.warn(f"{reason}; falling back to engine='autograd' (slower on most models; train_loss_fn is "
                       "called a second time for this step). Pass engine='autograd' to silence this.",
                       UserWarning, stacklevel=3)
-    loss = _check_scalar(loss_fn(model), "train_loss_fn")
+    loss = check_scalar(loss_fn(model), "train_loss_fn")
     if not loss.requires_grad:
         raise ValueError("train_loss_fn returned a tensor that does not require grad: compute it outside torch.no_grad()")
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)

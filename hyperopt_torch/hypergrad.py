@@ -12,6 +12,7 @@ product ``∂/∂φ ⟨∇_θ f, x⟩`` through the same gradient graph the HVPs
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -19,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from ._model import ModelSnapshot
-from .hvp import ENGINES, _check_scalar, flatten, training_hvp
-from .ihvp import Solver, make_solver
+from ._checks import check_hparams, scalar_with_grad
+from .hvp import ENGINES, flatten, training_hvp
+from .ihvp import Solver, make_solver, run_solver
 
 LossFn = Callable[[nn.Module], Tensor]
 
@@ -40,6 +42,12 @@ class HypergradInfo:
         val_loss: the validation loss ``g`` at θ.
         engine: how the Hessian-vector products were computed, ``"func"`` or
             ``"autograd"`` (see :mod:`hyperopt_torch.hvp`).
+        diverged: the solver's iteration grew (Neumann with ``alpha`` above
+            ``2/λ_max`` or on negative curvature); the result was set to NaN
+            and ``skipped`` is true.
+        negative_curvature: conjugate gradient met ``dᵀ(H + ρI)d ≤ 0`` and
+            stopped there (truncated Newton); the result was applied and a
+            ``RuntimeWarning`` issued.
     """
 
     solver: str
@@ -50,6 +58,8 @@ class HypergradInfo:
     train_loss: float
     val_loss: float
     engine: str
+    diverged: bool = False
+    negative_curvature: bool = False
 
 
 class Hypergradient(NamedTuple):
@@ -57,28 +67,6 @@ class Hypergradient(NamedTuple):
 
     grads: tuple[Tensor, ...]
     info: HypergradInfo
-
-
-def _scalar(loss, name: str) -> Tensor:
-    loss = _check_scalar(loss, name)
-    if not loss.requires_grad:
-        raise ValueError(f"{name} returned a tensor that does not require grad: compute it from the model outside torch.no_grad()")
-    return loss
-
-
-def check_hparams(hparams: Sequence[Tensor], name: str = "hparams") -> list[Tensor]:
-    """Validate a flat list of hyperparameter tensors; return it as a list."""
-    hparams = list(hparams)
-    if not hparams:
-        raise ValueError(f"{name} is empty: expected at least one tensor to tune")
-    for i, h in enumerate(hparams):
-        if not isinstance(h, Tensor):
-            raise TypeError(f"{name}[{i}] is a {type(h).__name__}, expected a torch.Tensor")
-        if not h.requires_grad:
-            raise ValueError(f"{name}[{i}] does not require grad: create it with requires_grad=True")
-        if not h.is_leaf:
-            raise ValueError(f"{name}[{i}] is not a leaf tensor: pass the tensor you created, not an expression of it")
-    return hparams
 
 
 def implicit_hypergradient(
@@ -148,7 +136,7 @@ def implicit_hypergradient(
     snapshot = ModelSnapshot(model, params)
     try:
         with torch.enable_grad():
-            val = _scalar(val_loss_fn(model), "val_loss_fn")
+            val = scalar_with_grad(val_loss_fn(model), "val_loss_fn")
             direct = torch.autograd.grad(val, params + hparams, allow_unused=True)
             # The training loss sees the model as found, whatever val_loss_fn did to
             # it (model.eval() is common; BatchNorm in training mode updates buffers).
@@ -160,10 +148,7 @@ def implicit_hypergradient(
             # keeps every product's graph alive (and CG's in-place updates then
             # leak it across steps).
             with torch.no_grad():
-                try:
-                    x = solver.solve(hvp, b, generator=generator)
-                except torch.linalg.LinAlgError:  # an eigensolver that did not converge: skip the step
-                    x = torch.full_like(b, float("nan"))
+                x, diverged, negative = run_solver(solver, hvp, b, generator)
                 res = None
                 if residual:
                     r = hvp(x) + solver.damping * x - b
@@ -181,10 +166,12 @@ def implicit_hypergradient(
                 (d.detach() if d is not None else torch.zeros_like(h)) - m.detach()
                 for d, m, h in zip(direct[len(params):], mixed, hparams)
             )
-            checks = [torch.stack([torch.isfinite(g).all() for g in grads]).all().to(val.dtype), train.detach(), val.detach()]
+            flags = [f if f is not None else torch.zeros((), dtype=torch.bool, device=device) for f in (diverged, negative)]
+            checks = [torch.stack([torch.isfinite(g).all() for g in grads]).all().to(val.dtype), *(f.to(val.dtype) for f in flags),
+                      train.detach(), val.detach()]
             if res is not None:
                 checks.append(res.detach().to(val.dtype))
-            finite, train_value, val_value, *rest = torch.stack(checks).tolist()  # the one sync
+            finite, diverged, negative, train_value, val_value, *rest = torch.stack(checks).tolist()  # the one sync
     finally:
         snapshot.restore()
 
@@ -197,7 +184,16 @@ def implicit_hypergradient(
         train_loss=train_value,
         val_loss=val_value,
         engine=hvp.engine,
+        diverged=bool(diverged),
+        negative_curvature=bool(negative),
     )
+    if info.negative_curvature:
+        warnings.warn(
+            f"{info.solver} met non-positive curvature dᵀ(H + ρI)d ≤ 0 and stopped there (truncated Newton): "
+            "the training Hessian is not positive definite at these parameters. The result was applied; raise "
+            "rho above the most negative eigenvalue, or train the inner model closer to a minimum.",
+            RuntimeWarning, stacklevel=2,
+        )
     return Hypergradient(grads, info)
 
 

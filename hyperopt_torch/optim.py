@@ -10,7 +10,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .hvp import ENGINES
-from .hypergrad import HypergradInfo, Hypergradient, LossFn, check_hparams, implicit_hypergradient
+from ._checks import check_hparams
+from .hypergrad import HypergradInfo, Hypergradient, LossFn, implicit_hypergradient
 from .ihvp import Solver, make_solver
 
 _NONFINITE = ("warn", "raise")
@@ -215,8 +216,10 @@ class HyperOptimizer(Optimizer):
         self.engine = result.info.engine  # a loss torch.func cannot transform will not become transformable
         if result.info.skipped:
             self.generator.set_state(saved)
+            cause = ("diverged solve (the Neumann terms grew: lower alpha below 2/λ_max of the Hessian)"
+                     if result.info.diverged else "non-finite hypergradient or loss")
             message = (
-                f"non-finite hypergradient or loss (train {result.info.train_loss}, val {result.info.val_loss}) "
+                f"{cause} (train {result.info.train_loss}, val {result.info.val_loss}) "
                 f"with {result.info.solver}: the step was skipped and nothing was changed"
             )
             if self.on_nonfinite == "raise":

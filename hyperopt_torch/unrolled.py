@@ -53,8 +53,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._model import LossCall, ModelSnapshot, reaches
-from .hypergrad import LossFn, _scalar, check_hparams
-from .ihvp._validate import positive_int
+from ._checks import check_hparams, positive_int, scalar_with_grad
+from .hypergrad import LossFn
 
 __all__ = [
     "unrolled_hypergradient",
@@ -357,7 +357,7 @@ def unrolled_hypergradient(
     call = LossCall(model)
 
     def loss_at(fn: LossFn, theta: list[Tensor], what: str) -> Tensor:
-        loss = _scalar(functional_call(call, dict(zip(names, theta)), (fn,)), what)
+        loss = scalar_with_grad(functional_call(call, dict(zip(names, theta)), (fn,)), what)
         # Searched only up to θ_t: the graph behind it (the earlier steps) was searched when it was
         # built, and searching it again would make the unroll O(T²).  Every call is searched, since
         # a loss function may read a captured reference on some calls only.

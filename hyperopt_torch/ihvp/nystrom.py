@@ -62,8 +62,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..hvp import Matvec
-from ._validate import positive_float, positive_int
+from .._checks import positive_float, positive_int
+from ._base import Matvec, working_precision
+from ._linalg import EPS64, eigh_above_noise
 
 SKETCHES = ("columns", "gaussian")
 
@@ -207,20 +208,40 @@ def nystrom_from_sketch(
 ) -> tuple[float, Tensor]:
     """Solve the damped Nyström system in the small space (float64).
 
-    Given ``W = ΩᵀHΩ``, ``G = (HΩ)ᵀHΩ`` and ``c = (HΩ)ᵀb`` returns ``(a, β)`` with
-    ``(H_k + ρI)⁻¹ b = a·b + HΩ β``.  ``eps`` is the machine epsilon of the
-    ``p``-sized data, which sets the relative cut-off for numerically zero
-    eigenvalues.  See the module docstring for the derivation.
+    Given ``W = ΩᵀHΩ``, ``G = (HΩ)ᵀHΩ`` and ``c = (HΩ)ᵀb`` (float64, ``k × k``,
+    ``k × k`` and ``k``; ``W`` as computed, not symmetrised) returns ``(a, β)``
+    with ``(H_k + ρI)⁻¹ b = a·b + HΩ β``.  ``eps`` is the machine epsilon of
+    the Hessian-vector products the three were built from.  See the module
+    docstring for the derivation.
+
+    Cut-offs.  Eigenvalues of ``W`` at or below the noise of the products
+    (:func:`~hyperopt_torch.ihvp._linalg.eigh_above_noise`: the larger of
+    ``ε·max|λ|``, twice the skew-symmetric part of ``W`` and
+    ``k·ε₆₄·max|λ|``) are dropped — the pseudo-inverse of Eq. 4.  The second
+    decomposition, ``LᵀL = EDEᵀ``, has the *squared* singular values of
+    ``L = (HΩ)U`` (at ``k = p`` with the columns sketch, ``d = λ²``), so its
+    relative cut-off is the square of the first's, ``(floor / max|λ|)²``, or
+    the rounding of the float64 Gram ``G`` of length-``p`` vectors,
+    ``p·ε₆₄``, if larger.  Cutting ``d`` at the first's relative level instead
+    dropped every direction with ``|λ| < √(kε)·max|λ|`` (3e-3 of the largest
+    in float32 at ``k = 64``) and sent it to ``b/ρ``.
+
+    What the result is.  Inside the range of ``HΩ`` it is ``(H_k + ρI)⁻¹b``
+    computed without cancellation.  The part of ``b`` outside that range
+    (everything the ``k`` sketch vectors miss when ``k < p``) is returned as
+    ``b/ρ``: scaled by ``1/ρ``, not by the inverse curvature, so with ``ρ`` far
+    below the Hessian's eigenvalues its size is not ``H⁻¹b``'s and only its
+    direction is meaningful (``a = 1/ρ`` says so; ``a = 0`` when ``HΩ`` spans
+    ``ℝᵖ``).
     """
     k = W.shape[0]
-    lam, U = torch.linalg.eigh(0.5 * (W + W.T))
-    keep = lam.abs() > lam.abs().max() * k * eps
-    if not bool(keep.any()):  # H_k = 0 (e.g. a zero Hessian)
+    lam, U, floor = eigh_above_noise(W, eps)
+    if lam.numel() == 0:  # H_k = 0 (e.g. a zero Hessian)
         return 1.0 / rho, torch.zeros_like(c)
-    lam, U = lam[keep], U[:, keep]
     GL = U.T @ G @ U
     d, E = torch.linalg.eigh(0.5 * (GL + GL.T))
-    keep = d > d.max() * k * eps
+    relative = (floor / lam.abs().max()).item()
+    keep = d > d.max() * max(relative**2, p * EPS64)
     d, E = d[keep], E[:, keep]
     T = U @ E * d.rsqrt()  # Q = (HΩ) T has orthonormal columns
     root = d.sqrt()
@@ -258,19 +279,22 @@ def nystrom_solve(
     ``k`` when ``κ ≥ k``, else ``κ·m(m+1)/2`` with ``m = ⌈k/κ⌉`` (fewer for a
     ragged last block).
     """
+    eps = torch.finfo(b.dtype).eps  # the products run at the model's precision
+    out_dtype = b.dtype
+    matvec, b = working_precision(matvec, b)
     W, G, c, combine = nystrom_sketch(matvec, b, rank, chunk, sketch, generator)
     # The k x k eigendecompositions are microseconds on the host and several
     # kernel launches and synchronisations each on a GPU: move them, once.
     k = c.numel()
     packed = torch.cat([W.reshape(-1), G.reshape(-1), c]).cpu()  # one transfer, one sync
     if not bool(torch.isfinite(packed).all()):  # a non-finite Hessian or b: nothing to solve, report NaN
-        return torch.full_like(b, float("nan"))
+        return torch.full_like(b, float("nan"), dtype=out_dtype)
     W, G, c = packed[: k * k].view(k, k), packed[k * k : 2 * k * k].view(k, k), packed[2 * k * k :]
-    a, beta = nystrom_from_sketch(W, G, c, b.numel(), rho, torch.finfo(b.dtype).eps)
+    a, beta = nystrom_from_sketch(W, G, c, b.numel(), rho, eps)
     x = combine(beta.to(b.device, non_blocking=True))
     if a:
         x.add_(b, alpha=a)
-    return x
+    return x.to(out_dtype)
 
 
 class Nystrom:

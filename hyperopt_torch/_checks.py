@@ -1,0 +1,64 @@
+"""Argument checks shared by the whole package, with torch.optim-style messages.
+
+One place for them: the solvers (:mod:`hyperopt_torch.ihvp`), the Hessian-vector
+products, the implicit and the unrolled hypergradients import from here, never
+from each other.  The module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+from torch import Tensor
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+    return int(value)
+
+
+def positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number > 0)")
+    return float(value)
+
+
+def nonnegative_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number >= 0)")
+    return float(value)
+
+
+def check_scalar(loss, name: str) -> Tensor:
+    """``loss`` as a 0-dim tensor; ``TypeError``/``ValueError`` if it is not a one-element tensor."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"{name} must return a scalar tensor, got shape {tuple(loss.shape)}")
+    return loss.reshape(())
+
+
+def scalar_with_grad(loss, name: str) -> Tensor:
+    """:func:`check_scalar`, and the loss must carry a graph to differentiate."""
+    loss = check_scalar(loss, name)
+    if not loss.requires_grad:
+        raise ValueError(f"{name} returned a tensor that does not require grad: compute it from the model outside torch.no_grad()")
+    return loss
+
+
+def check_hparams(hparams: Sequence[Tensor], name: str = "hparams") -> list[Tensor]:
+    """Validate a flat list of hyperparameter tensors; return it as a list."""
+    hparams = list(hparams)
+    if not hparams:
+        raise ValueError(f"{name} is empty: expected at least one tensor to tune")
+    for i, h in enumerate(hparams):
+        if not isinstance(h, Tensor):
+            raise TypeError(f"{name}[{i}] is a {type(h).__name__}, expected a torch.Tensor")
+        if not h.requires_grad:
+            raise ValueError(f"{name}[{i}] does not require grad: create it with requires_grad=True")
+        if not h.is_leaf:
+            raise ValueError(f"{name}[{i}] is not a leaf tensor: pass the tensor you created, not an expression of it")
+    return hparams
