@@ -460,3 +460,44 @@ def test_column_sample_is_distinct_and_uniform(p, k):
     expected = n * k / p
     sd = (n * (k / p) * (1 - k / p)) ** 0.5
     assert (counts - expected).abs().max() < 5 * sd  # a biased draw (e.g. always the tail) fails by far
+
+
+# --- the flags as reported by a hypergradient step (A4) --------------------------------------------
+
+def test_a_diverged_neumann_step_is_reported_and_skipped(ridge):
+    """α = 1 > 2/λmax ≈ 0.9 on the ridge problem: the series stays finite and is wrong by orders
+    of magnitude; the step reports it and changes nothing."""
+    from hyperopt_torch import HyperOptimizer, implicit_hypergradient
+
+    (g,), info = implicit_hypergradient([ridge.phi], ridge.train_loss, ridge.val_loss, ridge.model, Neumann(40, 1.0))
+    assert info.diverged and info.skipped and not info.negative_curvature and torch.isnan(g).all()
+    before = ridge.phi.detach().clone()
+    hopt = HyperOptimizer([ridge.phi], torch.optim.SGD, ihvp=Neumann(40, 1.0), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        info = hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)
+    assert info.skipped and torch.equal(ridge.phi.detach(), before) and ridge.phi.grad is None
+    # a contractive α on the same problem is neither flagged nor skipped
+    (g,), info = implicit_hypergradient([ridge.phi], ridge.train_loss, ridge.val_loss, ridge.model, Neumann(40, 0.3))
+    assert not (info.diverged or info.skipped) and torch.isfinite(g).all()
+
+
+def test_cg_negative_curvature_is_reported_warned_and_applied():
+    """f(θ, φ) = ½θᵀAθ + φᵀθ with an indefinite A: CG stops at the first non-positive curvature."""
+    from torch import nn
+
+    from hyperopt_torch import implicit_hypergradient
+
+    A = indefinite()
+    p = A.shape[0]
+    model = nn.Linear(p, 1, bias=False).to(DT)
+    phi = torch.randn(p, generator=gen(7), dtype=DT).requires_grad_()
+    target = torch.randn(p, generator=gen(8), dtype=DT)
+    train = lambda m: 0.5 * m.weight[0] @ A @ m.weight[0] + phi @ m.weight[0]
+    val = lambda m: 0.5 * ((m.weight[0] - target) ** 2).sum()
+    with pytest.warns(RuntimeWarning, match="non-positive curvature"):
+        (g,), info = implicit_hypergradient([phi], train, val, model, ConjugateGradient(30))
+    b = (model.weight[0] - target).detach()
+    assert info.negative_curvature and not info.skipped
+    torch.testing.assert_close(g, -cg_solve(Counted(A), b, 30).x)  # mixed term: ∂²f/∂φ∂θ = I
+    _, info = implicit_hypergradient([phi], train, val, model, ConjugateGradient(30, rho=1.5))
+    assert not info.negative_curvature
