@@ -3,9 +3,8 @@
 The Hessian is assembled from ``p`` Hessian-vector products with the unit
 vectors, ``batch`` of them per batched backward, symmetrised, and solved in
 float64 through its eigendecomposition.  Eigenvalues of ``H`` at or below the
-noise of the Hessian-vector products (the larger of ``ε·max|λ|`` with ``ε``
-the model dtype's machine epsilon, twice the norm of the computed Hessian's
-skew-symmetric part, and ``p·ε₆₄·max|λ|``; derived in
+noise of the Hessian-vector products (the larger of twice the norm of the
+computed Hessian's skew-symmetric part and ``p·ε₆₄·max|λ|``; derived in
 :mod:`hyperopt_torch.ihvp._linalg`) are treated as zero, so their directions
 get ``1/ρ`` (a pseudo-inverse when ``ρ = 0``) rather than the inverse of
 rounding noise.
@@ -32,15 +31,15 @@ def dense_hessian(matvec: Matvec, p: int, *, dtype: torch.dtype, device, batch: 
     return torch.cat(rows)
 
 
-def damped_pinv_solve(H: Tensor, b: Tensor, rho: float, eps: float) -> Tensor:
-    """``(H + ρI)⁻¹ b`` for a float64 ``H`` that is symmetric up to the rounding of products at machine epsilon ``eps``.
+def damped_pinv_solve(H: Tensor, b: Tensor, rho: float) -> Tensor:
+    """``(H + ρI)⁻¹ b`` for a float64 ``H`` that is symmetric up to the rounding of the products it came from.
 
     Eigenvalues of ``H`` at or below the noise are zero: their directions get
     ``b/ρ`` (nothing when ``ρ = 0``, the pseudo-inverse), as in Nyström's
     complement.  An eigenvalue ``λ + ρ`` within the noise of zero (an
     indefinite ``H`` with ``λ ≈ −ρ``) is pseudo-inverted too.
     """
-    lam, U, floor = eigh_above_noise(H, eps)
+    lam, U, floor = eigh_above_noise(H)
     shifted = lam + rho
     inv = torch.where(shifted.abs() > floor, 1.0 / shifted, torch.zeros_like(shifted))
     ub = U.T @ b
@@ -64,7 +63,7 @@ def exact_solve(matvec: Matvec, b: Tensor, rho: float = 0.0, max_params: int = 2
     H = dense_hessian(matvec, p, dtype=b.dtype, device=b.device, batch=batch).double()
     if not bool(torch.isfinite(H).all() & torch.isfinite(b).all()):  # e.g. a diverged model: report NaN
         return torch.full_like(b, float("nan"))
-    x = damped_pinv_solve(H, b.double(), rho, torch.finfo(b.dtype).eps)
+    x = damped_pinv_solve(H, b.double(), rho)
     return x.to(b.dtype)
 
 
