@@ -332,6 +332,10 @@ class Nystrom:
         sketch: ``"columns"`` (random Hessian columns, the paper) or
             ``"gaussian"`` (randomized Nyström with a Gaussian test matrix).
 
+    The part of ``b`` outside the range of the sketch is returned as ``b/ρ``
+    (scaled by ``1/ρ``, not by the inverse curvature): with ``k < p`` and ``ρ``
+    below the missed eigenvalues only the direction of the result is reliable.
+
     Raises:
         ValueError: ``rank < 1``, ``rho <= 0``, ``chunk`` outside ``1..rank``
             or an unknown ``sketch``.
