@@ -1,7 +1,8 @@
 """Batched Hessian-vector products of a training loss over a model's parameters.
 
 The solvers in :mod:`hyperopt_torch.ihvp` see the Hessian only through a
-*matvec*: a callable taking ``V`` of shape ``(B, p)`` and returning ``V H``
+*matvec* (``hyperopt_torch.ihvp.Matvec``, defined there: the solvers know
+nothing of models): a callable taking ``V`` of shape ``(B, p)`` and returning ``V H``
 row by row, shape ``(B, p)``.  :func:`training_hvp` builds that callable for
 ``train_loss_fn(model)``; :func:`flatten`/:func:`unflatten` convert between
 flat vectors and lists of tensors.
@@ -38,7 +39,6 @@ from torch import Tensor, nn
 
 from ._checks import check_scalar
 from ._model import LossCall, reaches
-from .ihvp import Matvec
 ENGINES = ("func", "autograd")
 
 
