@@ -102,7 +102,10 @@ def implicit_hypergradient(
     Returns:
         ``Hypergradient(grads, info)``: ``grads[i]`` has the shape, dtype and
         device of ``hparams[i]``; non-finite values are returned as they are,
-        with ``info.skipped = True``.
+        with ``info.skipped = True``.  A solve flagged as diverged gives NaN
+        (``info.diverged``; policy in :func:`~hyperopt_torch.ihvp.run_solver`);
+        CG stopped at negative curvature is applied, with
+        ``info.negative_curvature`` and a ``RuntimeWarning``.
 
     Raises:
         TypeError / ValueError: bad hparams, a loss that is not a scalar
