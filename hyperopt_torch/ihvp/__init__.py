@@ -1,10 +1,10 @@
 """Inverse-Hessian-vector-product solvers, each over a batched ``matvec``.
 
 Every solver exposes ``name``, ``damping`` (the ρ of the system
-``(H + ρI)x = b`` it targets) and ``solve(matvec, b, generator=None)`` with
-``matvec(V: (B, p)) -> (B, p)`` and ``b: (p,)``, returning ``x`` or a
-:class:`Solution` (``x`` with device-side flags: ``diverged``,
-``negative_curvature``).  The package is a leaf: it knows nothing about
+``(H + ρI)x = b`` it targets) and ``solve(matvec, b, generator=None) -> x``
+with ``matvec(V: (B, p)) -> (B, p)`` and ``b: (p,)``; CG and Neumann also have
+``solve_with_flags``, returning a :class:`Solution` (``x`` with device-side
+flags: ``diverged``, ``negative_curvature``).  The package is a leaf: it knows nothing about
 models, any matvec can drive it (as jaxopt's ``linear_solve``).  A plain function sits
 under each class (:func:`nystrom_solve`, :func:`cg_solve`, ...), so every
 solver can be run on a dense matrix: ``matvec = lambda V: V @ A``.

@@ -41,16 +41,18 @@ class Solution(NamedTuple):
 class Solver(Protocol):
     """What :func:`~hyperopt_torch.implicit_hypergradient` needs of a solver.
 
-    ``solve`` returns ``x`` (a tensor shaped like ``b``) or a :class:`Solution`
-    carrying flags too.  It is called under ``torch.no_grad()``.  To signal a
-    failure, return a non-finite ``x`` (or raise ``torch.linalg.LinAlgError``):
-    the step is then skipped.
+    ``solve`` returns ``x``, a tensor shaped like ``b``; it is called under
+    ``torch.no_grad()``.  To signal a failure, return a non-finite ``x`` (or
+    raise ``torch.linalg.LinAlgError``): the step is then skipped.  A solver
+    that checks its own convergence may also define
+    ``solve_with_flags(matvec, b, generator=None) -> Solution``, which
+    :func:`run_solver` prefers (CG and Neumann do).
     """
 
     name: str
     damping: float
 
-    def solve(self, matvec: Matvec, b: Tensor, generator: torch.Generator | None = None) -> Tensor | Solution: ...
+    def solve(self, matvec: Matvec, b: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
 
 
 def working_precision(matvec: Matvec, b: Tensor) -> tuple[Matvec, Tensor]:
@@ -83,18 +85,18 @@ def run_solver(solver: Solver, matvec: Matvec, b: Tensor, generator: torch.Gener
       an all-NaN ``x``;
     * a solution flagged ``diverged`` becomes all NaN (on the device, no
       synchronisation): a series that grew is not an approximation of anything;
-    * a plain tensor from a custom solver is wrapped in a :class:`Solution`
-      without flags.
+    * a solver without ``solve_with_flags`` (a custom one) gets its tensor
+      wrapped in a :class:`Solution` without flags.
 
     A non-finite ``x`` is the caller's signal to skip the step (the one
     finiteness check at the end of
     :func:`~hyperopt_torch.implicit_hypergradient`); the flags say why.
     """
+    flagged = getattr(solver, "solve_with_flags", None)
     try:
-        out = solver.solve(matvec, b, generator=generator)
+        solution = flagged(matvec, b, generator=generator) if flagged else Solution(solver.solve(matvec, b, generator=generator))
     except torch.linalg.LinAlgError:
         return Solution(torch.full_like(b, float("nan")))
-    solution = out if isinstance(out, Solution) else Solution(out)
     if solution.diverged is not None:
         x = solution.x
         solution = solution._replace(x=torch.where(solution.diverged, torch.full_like(x, float("nan")), x))

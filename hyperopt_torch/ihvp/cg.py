@@ -114,7 +114,10 @@ class ConjugateGradient:
     def damping(self) -> float:
         return self.rho
 
-    def solve(self, matvec: Matvec, b: Tensor, generator=None) -> Solution:
+    def solve(self, matvec: Matvec, b: Tensor, generator=None) -> Tensor:
+        return self.solve_with_flags(matvec, b, generator).x
+
+    def solve_with_flags(self, matvec: Matvec, b: Tensor, generator=None) -> Solution:
         return cg_solve(matvec, b, self.iters, self.rho, self.tol)
 
     def __repr__(self) -> str:

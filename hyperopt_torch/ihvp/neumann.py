@@ -74,7 +74,10 @@ class Neumann:
         self.iters = positive_int("iters", iters)
         self.alpha = positive_float("alpha", alpha)
 
-    def solve(self, matvec: Matvec, b: Tensor, generator=None) -> Solution:
+    def solve(self, matvec: Matvec, b: Tensor, generator=None) -> Tensor:
+        return self.solve_with_flags(matvec, b, generator).x
+
+    def solve_with_flags(self, matvec: Matvec, b: Tensor, generator=None) -> Solution:
         return neumann_solve(matvec, b, self.iters, self.alpha)
 
     def __repr__(self) -> str:
