@@ -1,16 +1,45 @@
-"""Checks of user input shared by the hypergradient functions and HyperOptimizer.
+"""Argument checks shared by the whole package, with torch.optim-style messages.
 
-Each raises ``TypeError`` or ``ValueError`` naming the argument and what was
-expected, before any work is done.  (The solvers' own constructor checks live in
-:mod:`hyperopt_torch.ihvp._validate`, so that ``ihvp`` stays a leaf.)
+One place for them: the solvers (:mod:`hyperopt_torch.ihvp`), the Hessian-vector
+products, the implicit and the unrolled hypergradients import from here, never
+from each other.  The module imports nothing from the package.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+    return int(value)
+
+
+def positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number > 0)")
+    return float(value)
+
+
+def nonnegative_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number >= 0)")
+    return float(value)
+
+
+def check_scalar(loss, name: str) -> Tensor:
+    """``loss`` as a 0-dim tensor; ``TypeError``/``ValueError`` if it is not a one-element tensor."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"{name} must return a scalar tensor, got shape {tuple(loss.shape)}")
+    return loss.reshape(())
+
 
 
 def check_hparams(hparams: Sequence[Tensor], name: str = "hparams") -> list[Tensor]:
@@ -26,15 +55,6 @@ def check_hparams(hparams: Sequence[Tensor], name: str = "hparams") -> list[Tens
         if not h.is_leaf:
             raise ValueError(f"{name}[{i}] is not a leaf tensor: pass the tensor you created, not an expression of it")
     return hparams
-
-
-def check_scalar(loss, name: str) -> Tensor:
-    """``loss`` as a 0-d tensor; ``TypeError`` if it is not a tensor, ``ValueError`` if it has more than one element."""
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(f"{name} must return a scalar tensor, got shape {tuple(loss.shape)}")
-    return loss.reshape(())
 
 
 def require_graph(loss: Tensor, name: str) -> Tensor:
@@ -75,4 +95,5 @@ def check_model(model: nn.Module) -> list[Tensor]:
     return params
 
 
-__all__ = ["check_hparams", "check_scalar", "require_graph", "check_model"]
+__all__ = ["positive_int", "positive_float", "nonnegative_float", "check_scalar", "check_hparams", "require_graph",
+           "check_model"]

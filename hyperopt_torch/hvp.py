@@ -1,7 +1,8 @@
 """Batched Hessian-vector products of a training loss over a model's parameters.
 
 The solvers in :mod:`hyperopt_torch.ihvp` see the Hessian only through a
-*matvec*: a callable taking ``V`` of shape ``(B, p)`` and returning ``V H``
+*matvec* (``hyperopt_torch.ihvp.Matvec``, defined there: the solvers know
+nothing of models): a callable taking ``V`` of shape ``(B, p)`` and returning ``V H``
 row by row, shape ``(B, p)``.  :func:`training_hvp` builds that callable for
 ``train_loss_fn(model)``; :func:`flatten`/:func:`unflatten` convert between
 flat vectors and lists of tensors.
@@ -42,8 +43,6 @@ from torch import Tensor, nn
 
 from ._checks import check_scalar, require_graph
 from ._model import LossCall, reaches
-
-Matvec = Callable[[Tensor], Tensor]
 ENGINES = ("func", "autograd")
 FUNC_MIN_PARAMS = 10_000  # below this, engine="func" builds the graph with autograd
 STRATEGY_CACHE: dict[tuple, dict] = {}

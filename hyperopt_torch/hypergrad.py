@@ -12,6 +12,7 @@ product ``∂/∂φ ⟨∇_θ f, x⟩`` through the same gradient graph the HVPs
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -22,7 +23,7 @@ from ._checks import check_hparams, check_model, check_scalar, require_graph
 from ._model import ModelSnapshot
 from .distributed import data_parallel
 from .hvp import ENGINES, flatten, training_hvp
-from .ihvp import Solver, make_solver
+from .ihvp import Solver, make_solver, run_solver
 
 LossFn = Callable[[nn.Module], Tensor]
 
@@ -50,6 +51,12 @@ class HypergradInfo:
             :class:`~hyperopt_torch.hvp.HessianVectorProduct`); ``None`` if no HVP ran.
         chunk: the κ a Nyström solver used (``chunk="auto"`` reports its
             choice here); ``None`` for other solvers.
+        diverged: the solver's iteration grew (Neumann with ``alpha`` above
+            ``2/λ_max`` or on negative curvature); the result was set to NaN
+            and ``skipped`` is true.
+        negative_curvature: conjugate gradient met ``dᵀ(H + ρI)d ≤ 0`` and
+            stopped there (truncated Newton); the result was applied and a
+            ``RuntimeWarning`` issued.
     """
 
     solver: str
@@ -64,6 +71,8 @@ class HypergradInfo:
     comm_bytes: int = 0
     hvp_strategy: str | None = None
     chunk: int | None = None
+    diverged: bool = False
+    negative_curvature: bool = False
 
 
 class Hypergradient(NamedTuple):
@@ -127,7 +136,10 @@ def implicit_hypergradient(
     Returns:
         ``Hypergradient(grads, info)``: ``grads[i]`` has the shape, dtype and
         device of ``hparams[i]``; non-finite values are returned as they are,
-        with ``info.skipped = True``.
+        with ``info.skipped = True``.  A solve flagged as diverged gives NaN
+        (``info.diverged``; policy in :func:`~hyperopt_torch.ihvp.run_solver`);
+        CG stopped at negative curvature is applied, with
+        ``info.negative_curvature`` and a ``RuntimeWarning``.
 
     Raises:
         TypeError / ValueError: bad hparams, a loss that is not a scalar
@@ -205,10 +217,7 @@ def implicit_hypergradient(
                 # way the ranks must draw the same sketch.
                 generator = comm.generator(generator if generator is not None else getattr(solver, "generator", None),
                                            device)
-                try:
-                    x = solver.solve(matvec, b, generator=generator)
-                except torch.linalg.LinAlgError:  # an eigensolver that did not converge: skip the step
-                    x = torch.full_like(b, float("nan"))
+                x, diverged, negative = run_solver(solver, matvec, b, generator)
                 res = None
                 if residual:
                     r = matvec(x) + solver.damping * x - b
@@ -229,10 +238,13 @@ def implicit_hypergradient(
                 (d.detach() if d is not None else torch.zeros_like(h)) - (m.detach() if m is not None else 0)
                 for d, m, h in zip(direct[len(params):], mixed, hparams)
             )
-            checks = [torch.stack([torch.isfinite(g).all() for g in grads]).all().to(val.dtype), train.detach(), val.detach()]
+            flags = [f if f is not None else torch.zeros((), dtype=torch.bool, device=device) for f in (diverged, negative)]
+            checks = [torch.stack([torch.isfinite(g).all() for g in grads]).all().to(val.dtype), *(f.to(val.dtype) for f in flags),
+                      train.detach(), val.detach()]
             if res is not None:
                 checks.append(res.detach().to(val.dtype))
-            finite, train_value, val_value, *rest = comm.agree(torch.stack(checks)).tolist()  # the one sync
+            # the one sync; under data parallelism averaged over the ranks, so every rank decides alike
+            finite, diverged, negative, train_value, val_value, *rest = comm.agree(torch.stack(checks)).tolist()
     finally:
         snapshot.close()
 
@@ -249,7 +261,16 @@ def implicit_hypergradient(
         comm_bytes=comm.bytes,
         hvp_strategy=hvp.strategy,
         chunk=getattr(solver, "last_chunk", None),
+        diverged=bool(diverged),
+        negative_curvature=bool(negative),
     )
+    if info.negative_curvature:
+        warnings.warn(
+            f"{info.solver} met non-positive curvature dᵀ(H + ρI)d ≤ 0 and stopped there (truncated Newton): "
+            "the training Hessian is not positive definite at these parameters. The result was applied; raise "
+            "rho above the most negative eigenvalue, or train the inner model closer to a minimum.",
+            RuntimeWarning, stacklevel=2,
+        )
     return Hypergradient(grads, info)
 
 

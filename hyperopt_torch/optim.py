@@ -302,8 +302,10 @@ class HyperOptimizer(Optimizer):
         self.engine = result.info.engine  # a loss torch.func cannot transform will not become transformable
         if result.info.skipped:
             self._restore_solver(saved)
+            cause = ("diverged solve (the Neumann terms grew: lower alpha below 2/λ_max of the Hessian)"
+                     if result.info.diverged else "non-finite hypergradient or loss")
             message = (
-                f"non-finite hypergradient or loss (train {result.info.train_loss}, val {result.info.val_loss}) "
+                f"{cause} (train {result.info.train_loss}, val {result.info.val_loss}) "
                 f"with {result.info.solver}: the step was skipped and nothing was changed"
             )
             if self.on_nonfinite == "raise":

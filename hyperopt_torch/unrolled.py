@@ -52,10 +52,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._checks import check_hparams, check_scalar, require_graph
 from ._model import LossCall, ModelSnapshot, reaches
+from ._checks import check_hparams, check_scalar, positive_int, require_graph
 from .hypergrad import LossFn
-from .ihvp._validate import positive_int
 
 __all__ = [
     "unrolled_hypergradient",

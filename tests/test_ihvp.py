@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from hyperopt_torch import ConjugateGradient, Exact, Identity, Neumann, Nystrom, make_solver
-from hyperopt_torch.ihvp import cg_solve, exact_solve, identity_solve, neumann_solve, nystrom_solve, sample_columns
+from hyperopt_torch.ihvp import (
+    Solution, cg_solve, exact_solve, identity_solve, neumann_solve, nystrom_solve, run_solver, sample_columns,
+)
 
 DT = torch.float64
 
@@ -188,7 +190,7 @@ def test_cg_is_exact_after_p_steps_on_spd():
     p = 20
     A, b = spd(p, cond=20.0), torch.randn(p, dtype=DT)
     mv = Counted(A)
-    x = cg_solve(mv, b, p)
+    x = cg_solve(mv, b, p).x
     assert mv.calls == p
     assert rel(x, torch.linalg.solve(A, b)) < 1e-8
 
@@ -200,15 +202,15 @@ def test_cg_with_damping_solves_the_damped_system():
 
 def test_cg_truncated_is_inexact_and_tol_stops_early():
     A, b = spd(30, cond=1e3), torch.randn(30, dtype=DT)
-    assert rel(cg_solve(Counted(A), b, 3), torch.linalg.solve(A, b)) > 1e-2
+    assert rel(cg_solve(Counted(A), b, 3).x, torch.linalg.solve(A, b)) > 1e-2
     mv = Counted(spd(30, cond=2.0))
-    x = cg_solve(mv, b, 30, tol=1e-6)
+    x = cg_solve(mv, b, 30, tol=1e-6).x
     assert mv.calls < 30 and ((mv.A @ x - b).norm() / b.norm()) <= 1e-6
 
 
 def test_cg_zero_rhs_gives_zero_not_nan():
-    x = cg_solve(Counted(spd(5)), torch.zeros(5, dtype=DT), 5)
-    assert torch.equal(x, torch.zeros(5, dtype=DT))
+    x, _, negative = cg_solve(Counted(spd(5)), torch.zeros(5, dtype=DT), 5)
+    assert torch.equal(x, torch.zeros(5, dtype=DT)) and not negative
 
 
 def test_neumann_is_the_truncated_series():
@@ -217,20 +219,13 @@ def test_neumann_is_the_truncated_series():
     M = torch.eye(12, dtype=DT) - alpha * A
     series = alpha * sum(torch.linalg.matrix_power(M, j) @ b for j in range(iters + 1))
     mv = Counted(A)
-    assert rel(neumann_solve(mv, b, iters, alpha), series) < 1e-12
+    assert rel(neumann_solve(mv, b, iters, alpha).x, series) < 1e-12
     assert mv.calls == iters
 
 
 def test_neumann_converges_to_inverse_when_contractive():
     A, b = spd(12, cond=5.0), torch.randn(12, dtype=DT)  # ‖A‖ = 5, α = 0.15 < 2/5
     assert rel(Neumann(400, 0.15).solve(Counted(A), b), torch.linalg.solve(A, b)) < 1e-10
-
-
-def test_neumann_diverges_on_indefinite():
-    A = spd(10)
-    A[0, 0] = -5.0
-    x = Neumann(200, 0.1).solve(Counted(A), torch.ones(10, dtype=DT))
-    assert not torch.isfinite(x).all() or x.norm() > 1e10
 
 
 def test_identity_returns_b_without_hvps():
@@ -249,6 +244,165 @@ def test_exact_solves_and_refuses_large_problems():
     assert rel(Exact(rho=0.5).solve(Counted(A), b), damped_solve(A, b, 0.5)) < 1e-12
     with pytest.raises(ValueError, match="needs about .* GiB .*max_memory"):
         Exact(max_memory=40 * 40 * 56 - 1).solve(Counted(A), b)
+
+
+# --- cut-offs: which eigenvalues are data (A1, A2) ----------------------------------------------
+
+def spectrum(p, lam, seed=0):
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=gen(seed), dtype=DT))
+    return (Q * lam) @ Q.T
+
+
+def test_float32_nystrom_at_full_rank_keeps_directions_far_below_the_largest():
+    """d = λ² in the second decomposition: a relative cut-off there of k·ε dropped |λ| < √(kε)·λmax
+    (3e-3 of the largest in float32) and sent those directions to b/ρ."""
+    p = 64
+    A = spectrum(p, 64 * torch.logspace(0, -4, p, dtype=DT)).float()  # a loss summed over 64 examples
+    b = torch.randn(p, generator=gen(1), dtype=torch.float32)
+    for rho in (0.01, 1e-9):
+        x = nystrom_solve(lambda V: V @ A, b, p, rho, generator=gen())
+        assert rel(x.double(), damped_solve(A.double(), b.double(), rho)) < 1e-3, rho  # κ·ε₃₂ = 1.2e-3
+
+
+def low_precision_matvec(A, dtype):
+    """Products of a dense matrix rounded as a model in ``dtype`` would round them."""
+    Ad = A.to(dtype)
+    return lambda V: V @ Ad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("solve", [
+    lambda mv, b, rho: nystrom_solve(mv, b, 200, rho, generator=gen()),
+    lambda mv, b, rho: exact_solve(mv, b, rho),
+], ids=["nystrom-200", "exact"])
+def test_half_precision_cut_off_keeps_every_eigenvalue_above_the_rounding(dtype, solve):
+    """k or p ≥ 128 in bfloat16 made k·ε·max|λ| ≥ max|λ|: every eigenvalue was dropped.  Products
+    that agree exactly (rows of a stored matrix) are data down to the smallest eigenvalue, here
+    ρ/3: a cut at ε·max|λ| would send those directions to b/ρ (35 % off)."""
+    p, rho = 256, 0.01
+    A = spectrum(p, torch.logspace(0, -2.5, p, dtype=DT))
+    A16 = A.to(dtype).double()
+    b = torch.randn(p, generator=gen(2), dtype=DT).to(dtype)
+    x = solve(low_precision_matvec(A, dtype), b, rho)
+    assert x.dtype == dtype
+    truth = damped_solve(A16, b.double(), rho)
+    if solve.__code__.co_names.count("nystrom_solve"):  # rank 200 < p: the same sketch in float64
+        truth = nystrom_solve(lambda V: V @ A16, b.double(), 200, rho, generator=gen())
+    assert rel(x.double(), truth) < 5e-3  # x is rounded to b's dtype: 2⁻⁹ per entry in bfloat16
+
+
+@pytest.mark.parametrize("solve", [
+    lambda mv, b, rho: nystrom_solve(mv, b, 60, rho, generator=gen()),
+    lambda mv, b, rho: exact_solve(mv, b, rho),
+], ids=["nystrom", "exact"])
+def test_noise_eigenvalues_of_products_stored_in_float32_are_cut(solve):
+    """bfloat16-sized errors in float32 storage (autocast): the float32 ε cannot see them, the
+    skew-symmetric part of W does.  The null space of A must go to b/ρ, not to 1/noise."""
+    p, rho = 60, 1e-4
+    A = spectrum(p, torch.cat([torch.linspace(10, 1, 20, dtype=DT), torch.zeros(40, dtype=DT)])).float()
+    noise = torch.Generator().manual_seed(3)
+
+    def matvec(V):
+        out = V @ A
+        return out + 4e-3 * out.abs().max() * torch.randn(out.shape, generator=noise)
+
+    b = torch.randn(p, generator=gen(4), dtype=torch.float32)
+    x = solve(matvec, b, rho)
+    assert rel(x.double(), damped_solve(A.double(), b.double(), rho)) < 0.05
+
+
+# --- divergence and negative curvature (A4) ------------------------------------------------------
+
+def test_neumann_flags_a_step_above_two_over_lambda_max():
+    A, b = spd(12, cond=10.0), torch.randn(12, generator=gen(1), dtype=DT)  # λmax = 10
+    x, diverged, _ = neumann_solve(Counted(A), b, 20, alpha=0.25)
+    assert bool(diverged) and torch.isfinite(x).all()  # finite, and wrong by orders of magnitude
+    assert rel(x, torch.linalg.solve(A, b)) > 10
+
+
+def test_neumann_flags_negative_curvature():
+    A = spd(10)
+    A[0, 0] = -5.0
+    assert bool(Neumann(20, 0.1).solve_with_flags(Counted(A), torch.ones(10, dtype=DT)).diverged)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_neumann_is_not_flagged_when_contractive_even_on_a_null_space(dtype):
+    """α just below 2/λmax, and directions with λ = 0 whose terms never shrink."""
+    A = spectrum(30, torch.cat([torch.linspace(10, 1, 20, dtype=DT), torch.zeros(10, dtype=DT)]))
+    b = torch.randn(30, generator=gen(5), dtype=DT)
+    solution = neumann_solve(low_precision_matvec(A, dtype), b.to(dtype), 200, alpha=0.199)
+    assert not bool(solution.diverged) and solution.x.dtype == dtype
+
+
+def test_run_solver_turns_a_diverged_solve_into_nan_and_keeps_custom_tensors():
+    A, b = spd(12, cond=10.0), torch.randn(12, dtype=DT)
+    out = run_solver(Neumann(20, 0.25), Counted(A), b)
+    assert bool(out.diverged) and torch.isnan(out.x).all()
+
+    class Custom:  # a user's solver returning a plain tensor
+        name, damping = "custom", 0.0
+
+        def solve(self, matvec, b, generator=None):
+            return 2 * b
+
+    out = run_solver(Custom(), Counted(A), b)
+    assert isinstance(out, Solution) and torch.equal(out.x, 2 * b) and out.diverged is None
+    # the built-in classes' solve() still returns a tensor (the flags come from solve_with_flags)
+    assert isinstance(Neumann(20, 0.25).solve(Counted(A), b), torch.Tensor)
+
+
+def indefinite(p=20, seed=0):
+    lam = torch.linspace(-1.0, 4.0, p, dtype=DT)
+    lam = lam[lam.abs() > 0.05]
+    return spectrum(lam.numel(), lam, seed)
+
+
+def test_cg_stops_at_the_first_non_positive_curvature_and_flags_it():
+    A = indefinite()
+    b = torch.randn(A.shape[0], generator=gen(6), dtype=DT)
+    x, _, negative = cg_solve(Counted(A), b, 30)
+    assert bool(negative)
+    # The last iterate before the stop: more iterations change nothing, and it is the
+    # minimiser over the positive-curvature Krylov directions, so bᵀx > 0 (a descent direction).
+    assert torch.equal(x, cg_solve(Counted(A), b, 60).x)
+    j = next(j for j in range(1, 30) if bool(cg_solve(Counted(A), b, j).negative_curvature))
+    assert torch.equal(x, cg_solve(Counted(A), b, j - 1).x) and b @ x > 0
+
+
+def test_cg_with_negative_curvature_at_the_first_step_returns_b():
+    b = torch.randn(8, dtype=DT)
+    x, _, negative = cg_solve(Counted(-spd(8)), b, 5)
+    assert bool(negative) and torch.equal(x, b)
+
+
+def test_cg_on_spd_is_never_flagged_and_damping_can_make_it_spd():
+    b = torch.randn(20, dtype=DT)
+    assert not bool(cg_solve(Counted(spd(20, cond=1e3)), b, 40).negative_curvature)
+    A = indefinite()
+    b = torch.randn(A.shape[0], generator=gen(6), dtype=DT)
+    x, _, negative = cg_solve(Counted(A), b, A.shape[0] + 5, rho=1.5)
+    assert not bool(negative) and rel(x, damped_solve(A, b, 1.5)) < 1e-8
+
+
+def test_cg_and_neumann_loops_never_synchronise(monkeypatch):
+    """The flags are device tensors: nothing inside the loops reads a value on the host."""
+    A = indefinite()
+    b = torch.randn(A.shape[0], generator=gen(6), dtype=DT)
+    calls = []
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"host synchronisation: Tensor.{name}")
+        return method
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    cg = cg_solve(Counted(A), b, 30)
+    neumann = neumann_solve(Counted(A), b, 60, 0.1)  # λ = −1 grows 1.1× per term
+    monkeypatch.undo()
+    assert not calls and bool(cg.negative_curvature) and bool(neumann.diverged)
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -310,3 +464,44 @@ def test_column_sample_is_distinct_and_uniform(p, k):
     expected = n * k / p
     sd = (n * (k / p) * (1 - k / p)) ** 0.5
     assert (counts - expected).abs().max() < 5 * sd  # a biased draw (e.g. always the tail) fails by far
+
+
+# --- the flags as reported by a hypergradient step (A4) --------------------------------------------
+
+def test_a_diverged_neumann_step_is_reported_and_skipped(ridge):
+    """α = 1 > 2/λmax ≈ 0.9 on the ridge problem: the series stays finite and is wrong by orders
+    of magnitude; the step reports it and changes nothing."""
+    from hyperopt_torch import HyperOptimizer, implicit_hypergradient
+
+    (g,), info = implicit_hypergradient([ridge.phi], ridge.train_loss, ridge.val_loss, ridge.model, Neumann(40, 1.0))
+    assert info.diverged and info.skipped and not info.negative_curvature and torch.isnan(g).all()
+    before = ridge.phi.detach().clone()
+    hopt = HyperOptimizer([ridge.phi], torch.optim.SGD, ihvp=Neumann(40, 1.0), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        info = hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)
+    assert info.skipped and torch.equal(ridge.phi.detach(), before) and ridge.phi.grad is None
+    # a contractive α on the same problem is neither flagged nor skipped
+    (g,), info = implicit_hypergradient([ridge.phi], ridge.train_loss, ridge.val_loss, ridge.model, Neumann(40, 0.3))
+    assert not (info.diverged or info.skipped) and torch.isfinite(g).all()
+
+
+def test_cg_negative_curvature_is_reported_warned_and_applied():
+    """f(θ, φ) = ½θᵀAθ + φᵀθ with an indefinite A: CG stops at the first non-positive curvature."""
+    from torch import nn
+
+    from hyperopt_torch import implicit_hypergradient
+
+    A = indefinite()
+    p = A.shape[0]
+    model = nn.Linear(p, 1, bias=False).to(DT)
+    phi = torch.randn(p, generator=gen(7), dtype=DT).requires_grad_()
+    target = torch.randn(p, generator=gen(8), dtype=DT)
+    train = lambda m: 0.5 * m.weight[0] @ A @ m.weight[0] + phi @ m.weight[0]
+    val = lambda m: 0.5 * ((m.weight[0] - target) ** 2).sum()
+    with pytest.warns(RuntimeWarning, match="non-positive curvature"):
+        (g,), info = implicit_hypergradient([phi], train, val, model, ConjugateGradient(30))
+    b = (model.weight[0] - target).detach()
+    assert info.negative_curvature and not info.skipped
+    torch.testing.assert_close(g, -cg_solve(Counted(A), b, 30).x)  # mixed term: ∂²f/∂φ∂θ = I
+    _, info = implicit_hypergradient([phi], train, val, model, ConjugateGradient(30, rho=1.5))
+    assert not info.negative_curvature

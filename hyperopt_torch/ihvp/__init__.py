@@ -2,7 +2,10 @@
 
 Every solver exposes ``name``, ``damping`` (the ρ of the system
 ``(H + ρI)x = b`` it targets) and ``solve(matvec, b, generator=None) -> x``
-with ``matvec(V: (B, p)) -> (B, p)`` and ``b: (p,)``.  A plain function sits
+with ``matvec(V: (B, p)) -> (B, p)`` and ``b: (p,)``; CG and Neumann also have
+``solve_with_flags``, returning a :class:`Solution` (``x`` with device-side
+flags: ``diverged``, ``negative_curvature``).  The package is a leaf: it knows nothing about
+models, any matvec can drive it (as jaxopt's ``linear_solve``).  A plain function sits
 under each class (:func:`nystrom_solve`, :func:`cg_solve`, ...), so every
 solver can be run on a dense matrix: ``matvec = lambda V: V @ A``.
 :func:`~hyperopt_torch.implicit_hypergradient` calls ``solve`` under
@@ -11,24 +14,12 @@ solver can be run on a dense matrix: ``matvec = lambda V: V @ A``.
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import torch
-from torch import Tensor
-
-from ..hvp import Matvec
+from ._base import Matvec, Solution, Solver, run_solver
 from .cg import ConjugateGradient, cg_solve
 from .exact import Exact, exact_solve
 from .identity import Identity, identity_solve
 from .neumann import Neumann, neumann_solve
 from .nystrom import Nystrom, nystrom_from_sketch, nystrom_sketch, nystrom_solve, sample_columns
-
-
-class Solver(Protocol):
-    name: str
-    damping: float
-
-    def solve(self, matvec: Matvec, b: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
 
 
 # The one table of which solver takes which setting by keyword.  make_solver,
@@ -86,7 +77,8 @@ def solver_config(solver) -> dict:
 
 
 __all__ = [
-    "Solver", "make_solver", "SOLVER_NAMES", "SOLVER_SETTINGS", "RESULT_NEUTRAL", "solver_config",
+    "Matvec", "Solution", "Solver", "run_solver", "make_solver", "SOLVER_NAMES", "SOLVER_SETTINGS", "RESULT_NEUTRAL",
+    "solver_config",
     "Nystrom", "ConjugateGradient", "Neumann", "Identity", "Exact",
     "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "neumann_solve", "identity_solve", "exact_solve",
     "sample_columns",

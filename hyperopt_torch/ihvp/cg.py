@@ -3,17 +3,33 @@
 Used for hypergradients by Pedregosa (2016, HOAG) and Rajeswaran et al. (2019,
 iMAML).  One Hessian-vector product per iteration; on a symmetric positive
 definite ``p × p`` system it is exact after ``p`` iterations (in exact
-arithmetic).  Its convergence rate depends on the condition number, and on an
-indefinite ``H`` the step ``rs / pᵀAp`` can blow up: Grazzi et al. (2020)
-analyse the iteration complexity.
+arithmetic).  Its convergence rate depends on the condition number: Grazzi et
+al. (2020) analyse the iteration complexity.
+
+Negative curvature (the truncated-Newton policy).  CG minimises the quadratic
+``½xᵀ(H + ρI)x − bᵀx`` over growing Krylov spaces; once a search direction has
+``dᵀ(H + ρI)d ≤ 0`` that quadratic is unbounded below along ``d`` and the
+step ``rs / dᵀAd`` points the wrong way (a few iterations on an indefinite
+Hessian give a hypergradient of the wrong sign).  As Newton-CG does (Nocedal &
+Wright 2006, Algorithm 7.1), the iteration stops at the first such direction
+and returns the last iterate, which only used directions of positive
+curvature; if the very first direction has non-positive curvature it returns
+``b`` (the identity approximation ``H⁻¹ ≈ I``).  The stop is a device-side
+mask on the updates, not a Python ``break``, and the flag is reported in
+:class:`~hyperopt_torch.ihvp.Solution`; :func:`~hyperopt_torch.implicit_hypergradient`
+reads it with its one host synchronisation and warns.  Consequence: on an
+indefinite ``H``, CG no longer converges to ``H⁻¹b`` with many iterations;
+use ``rho`` above ``−λ_min`` to make the system positive definite instead.
 
 No host-device synchronisation happens inside the loop unless ``tol`` is set
-(stopping early needs the residual norm on the host).
+(stopping early needs the residual norm, and the stop flag, on the host: one
+transfer per iteration).
 
 References:
     Hestenes & Stiefel, "Methods of conjugate gradients for solving linear
     systems", 1952.  Rajeswaran et al., "Meta-Learning with Implicit
-    Gradients", NeurIPS 2019.
+    Gradients", NeurIPS 2019.  Nocedal & Wright, "Numerical Optimization",
+    2nd ed. 2006, Algorithm 7.1 (line search Newton-CG).
 """
 
 from __future__ import annotations
@@ -21,37 +37,58 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..hvp import Matvec
-from ._validate import nonnegative_float, positive_float, positive_int
+from .._checks import nonnegative_float, positive_float, positive_int
+from ._base import Matvec, Solution, working_precision
 
 
-def cg_solve(matvec: Matvec, b: Tensor, iters: int, rho: float = 0.0, tol: float | None = None) -> Tensor:
+def cg_solve(matvec: Matvec, b: Tensor, iters: int, rho: float = 0.0, tol: float | None = None) -> Solution:
     """Run at most ``iters`` CG iterations on ``(H + ρI) x = b`` from ``x₀ = 0``.
 
-    ``b`` has shape ``(p,)``; the result has its shape, dtype and device.  With
-    ``tol`` set, stops once ``‖r‖ ≤ tol·‖b‖``.  A zero curvature ``pᵀAp`` (an
-    exactly solved system) gives a zero step instead of ``0/0``.
+    ``b`` has shape ``(p,)``; ``x`` has its shape, dtype and device (a
+    float16/bfloat16 ``b`` is iterated in float32, the products at ``b``'s
+    precision: :func:`~hyperopt_torch.ihvp._base.working_precision`).  With
+    ``tol`` set, stops once ``‖r‖ ≤ tol·‖b‖``.  Stops at the first direction
+    with ``dᵀ(H + ρI)d ≤ 0`` (module docstring) and flags
+    ``negative_curvature``.  A zero residual (an exactly solved system) gives
+    zero steps instead of ``0/0`` and is not flagged.
+
+    Returns :class:`~hyperopt_torch.ihvp.Solution` ``(x, diverged=None, negative_curvature)``.
     """
+    out_dtype = b.dtype
+    matvec, b = working_precision(matvec, b)
     x = torch.zeros_like(b)
     r = b.clone()
     d = r.clone()
     rs = r.dot(r)
+    active = torch.ones((), dtype=torch.bool, device=b.device)
+    negative = torch.zeros((), dtype=torch.bool, device=b.device)
+    at_start = negative
     stop = None if tol is None else (tol * b.norm()).item()
-    for _ in range(iters):
+    for j in range(iters):
         Ad = matvec(d)
         if rho:
             Ad = Ad + rho * d
         curvature = d.dot(Ad)
-        step = torch.where(curvature != 0, rs / curvature, torch.zeros_like(rs))
+        # rs > 0 means d ≠ 0 (dᵀr = rs in CG): a zero direction is convergence, not curvature.
+        hit = active & (curvature <= 0) & (rs > 0)
+        if j == 0:
+            at_start = hit
+        negative = negative | hit
+        active = active & ~hit
+        step = torch.where(active & (curvature != 0), rs / curvature, torch.zeros_like(rs))
         x.add_(step * d)
         r.sub_(step * Ad)
         rs_new = r.dot(r)
-        if stop is not None and rs_new.sqrt().item() <= stop:
-            break
-        beta = torch.where(rs != 0, rs_new / rs, torch.zeros_like(rs))
+        if stop is not None:
+            residual, still = torch.stack([rs_new.sqrt(), active.to(rs_new.dtype)]).tolist()
+            if residual <= stop or not still:
+                break
+        # After a stop, β = 0 keeps d = r finite (x and r no longer move).
+        beta = torch.where(active & (rs != 0), rs_new / rs, torch.zeros_like(rs))
         d = r + beta * d
         rs = rs_new
-    return x
+    x = torch.where(at_start, b, x)
+    return Solution(x.to(out_dtype), negative_curvature=negative)
 
 
 class ConjugateGradient:
@@ -61,6 +98,9 @@ class ConjugateGradient:
         iters: maximum number of iterations ``l`` (= Hessian-vector products).
         rho: damping ``ρ ≥ 0`` added to the Hessian (0: plain CG).
         tol: optional relative residual ``‖r‖/‖b‖`` at which to stop early.
+
+    Stops at the first direction of non-positive curvature and flags it
+    (truncated Newton; see :func:`cg_solve`).
     """
 
     name = "cg"
@@ -75,6 +115,9 @@ class ConjugateGradient:
         return self.rho
 
     def solve(self, matvec: Matvec, b: Tensor, generator=None) -> Tensor:
+        return self.solve_with_flags(matvec, b, generator).x
+
+    def solve_with_flags(self, matvec: Matvec, b: Tensor, generator=None) -> Solution:
         return cg_solve(matvec, b, self.iters, self.rho, self.tol)
 
     def __repr__(self) -> str:

@@ -2,8 +2,12 @@
 
 The Hessian is assembled from ``p`` Hessian-vector products with the unit
 vectors, ``batch`` of them per batched backward, symmetrised, and solved in
-float64 through its eigendecomposition (a pseudo-inverse: eigenvalues of
-``H + ρI`` below ``p·ε·max|λ|`` are treated as zero rather than inverted).
+float64 through its eigendecomposition.  Eigenvalues of ``H`` at or below the
+noise of the Hessian-vector products (the larger of twice the norm of the
+computed Hessian's skew-symmetric part and ``p·ε₆₄·max|λ|``; derived in
+:mod:`hyperopt_torch.ihvp._linalg`) are treated as zero, so their directions
+get ``1/ρ`` (a pseudo-inverse when ``ρ = 0``) rather than the inverse of
+rounding noise.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..hvp import Matvec
-from ._validate import nonnegative_float, positive_int
+from .._checks import nonnegative_float, positive_int
+from ._base import Matvec
+from ._linalg import eigh_above_noise
 
 
 def dense_hessian(matvec: Matvec, p: int, *, dtype: torch.dtype, device, batch: int = 256) -> Tensor:
@@ -26,12 +31,22 @@ def dense_hessian(matvec: Matvec, p: int, *, dtype: torch.dtype, device, batch: 
     return torch.cat(rows)
 
 
-def symmetric_pinv_solve(A: Tensor, b: Tensor, eps: float) -> Tensor:
-    """Solve ``A x = b`` for symmetric ``A`` (float64) by eigendecomposition, pseudo-inverting small eigenvalues."""
-    lam, U = torch.linalg.eigh(0.5 * (A + A.T))
-    tol = lam.abs().max() * A.shape[0] * eps
-    inv = torch.where(lam.abs() > tol, 1.0 / lam, torch.zeros_like(lam))
-    return U @ (inv * (U.T @ b))
+def damped_pinv_solve(H: Tensor, b: Tensor, rho: float) -> Tensor:
+    """``(H + ρI)⁻¹ b`` for a float64 ``H`` that is symmetric up to the rounding of the products it came from.
+
+    Eigenvalues of ``H`` at or below the noise are zero: their directions get
+    ``b/ρ`` (nothing when ``ρ = 0``, the pseudo-inverse), as in Nyström's
+    complement.  An eigenvalue ``λ + ρ`` within the noise of zero (an
+    indefinite ``H`` with ``λ ≈ −ρ``) is pseudo-inverted too.
+    """
+    lam, U, floor = eigh_above_noise(H)
+    shifted = lam + rho
+    inv = torch.where(shifted.abs() > floor, 1.0 / shifted, torch.zeros_like(shifted))
+    ub = U.T @ b
+    x = U @ (inv * ub)
+    if rho:
+        x += (b - U @ ub) / rho
+    return x
 
 
 MAX_MEMORY = 4 * 2**30  # bytes: the default guard, about p = 8,700 in float64 and 9,400 in float32
@@ -69,8 +84,7 @@ def exact_solve(matvec: Matvec, b: Tensor, rho: float = 0.0, max_memory: int = M
     H = dense_hessian(matvec, p, dtype=b.dtype, device=b.device, batch=batch).double()
     if not bool(torch.isfinite(H).all() & torch.isfinite(b).all()):  # e.g. a diverged model: report NaN
         return torch.full_like(b, float("nan"))
-    H.diagonal().add_(rho)
-    x = symmetric_pinv_solve(H, b.double(), torch.finfo(b.dtype).eps)
+    x = damped_pinv_solve(H, b.double(), rho)
     return x.to(b.dtype)
 
 

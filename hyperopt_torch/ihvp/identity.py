@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..hvp import Matvec
+from ._base import Matvec
 
 
 def identity_solve(matvec: Matvec, b: Tensor) -> Tensor:

@@ -1,0 +1,106 @@
+"""Hypergradients of bfloat16, float16 and autocast models against float64 (docs/methods.md, mixed precision).
+
+The problem: L2-penalised logistic regression with one weight decay ``exp(φ_j)``
+per feature, ``p = 256`` parameters, ``n = 512`` examples, solved to machine
+precision in float64 by Newton's method.  The same model, data and sketch
+(the same generator seed) are then cast to each dtype, and the hypergradient
+``dg/dφ`` of each is compared with the float64 one: relative error
+``‖g − g₆₄‖/‖g₆₄‖`` and cosine.  ``reduction="sum"`` (a loss summed over the
+examples, a Hessian ``n`` times larger) is the float32 full-rank case of
+issue 8.
+
+Usage::
+
+    python -m benchmarks.precision            # the table in docs/methods.md
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hyperopt_torch import ConjugateGradient, Exact, Nystrom, implicit_hypergradient
+
+DT = torch.float64
+# name, model dtype, autocast dtype (None: no autocast)
+PRECISIONS = (
+    ("float32", torch.float32, None),
+    ("bfloat16", torch.bfloat16, None),
+    ("float16", torch.float16, None),
+    ("float32 + bf16 autocast", torch.float32, torch.bfloat16),
+)
+
+
+def logistic_problem(d: int = 256, n: int = 512, reduction: str = "mean", decay: float = -4.0,
+                     spread: float = 0.0, seed: int = 0) -> Callable:
+    """Build the problem; return ``hypergradient(dtype, solver, autocast=None) -> float64 (d,)``.
+
+    ``spread`` scales the features by ``logspace(0, -spread)`` (a wider Hessian
+    spectrum); ``decay`` is the mean of ``φ``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(0, -spread, d, dtype=DT)
+    X = torch.randn(n, d, generator=g, dtype=DT) * scale
+    Xv = torch.randn(n, d, generator=g, dtype=DT) * scale
+    w = torch.randn(d, generator=g, dtype=DT) / scale
+    y = (X @ w + 0.5 * torch.randn(n, generator=g, dtype=DT) > 0).to(DT)
+    yv = (Xv @ w + 0.5 * torch.randn(n, generator=g, dtype=DT) > 0).to(DT)
+    phi0 = 0.3 * torch.randn(d, generator=g, dtype=DT) + decay
+    c = 1.0 if reduction == "sum" else 1.0 / n
+    theta = torch.zeros(d, dtype=DT)
+    for _ in range(40):  # Newton's method on a strongly convex problem
+        s = torch.sigmoid(X @ theta)
+        grad = c * X.T @ (s - y) + phi0.exp() * theta
+        H = c * (X.T * (s * (1 - s))) @ X + torch.diag(phi0.exp())
+        theta = theta - torch.linalg.solve(H, grad)
+    bce = nn.functional.binary_cross_entropy_with_logits
+
+    def hypergradient(dtype: torch.dtype, solver, autocast: torch.dtype | None = None) -> torch.Tensor:
+        model = nn.Linear(d, 1, bias=False).to(dtype)
+        with torch.no_grad():
+            model.weight.copy_(theta[None])
+        phi = phi0.to(torch.float32 if dtype != DT else DT).clone().requires_grad_()
+        Xd, yd, Xvd, yvd = X.to(dtype), y.to(dtype), Xv.to(dtype), yv.to(dtype)
+
+        def train(m):
+            return bce(m(Xd).squeeze(1), yd, reduction=reduction) + 0.5 * (phi.to(dtype).exp() * m.weight[0] ** 2).sum()
+
+        def val(m):
+            return bce(m(Xvd).squeeze(1), yvd)
+
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            (grad,), info = implicit_hypergradient([phi], train, val, model, solver,
+                                                   generator=torch.Generator().manual_seed(0))
+        assert not info.skipped
+        return grad.double()
+
+    return hypergradient
+
+
+def compare(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``(relative error, cosine)`` of ``g`` against ``ref``."""
+    return ((g - ref).norm() / ref.norm()).item(), (g @ ref / (g.norm() * ref.norm())).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rho", type=float, default=0.01)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    problem = logistic_problem()
+    solvers = [Nystrom(rank=k, rho=args.rho) for k in (16, 64, 200, 256)] + [Exact(rho=args.rho), ConjugateGradient(30, rho=args.rho)]
+    print("| solver | " + " | ".join(name for name, _, _ in PRECISIONS) + " |")
+    print("|---|" + "---|" * len(PRECISIONS))
+    for solver in solvers:
+        ref = problem(DT, solver)
+        cells = [compare(problem(dtype, solver, autocast), ref) for _, dtype, autocast in PRECISIONS]
+        label = {"nystrom": lambda: f"Nyström k = {solver.rank}", "exact": lambda: "Exact",
+                 "cg": lambda: f"CG l = {solver.iters}"}[solver.name]()
+        print(f"| {label} | " + " | ".join(f"{e:.1e} / {c:.5f}" for e, c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
