@@ -102,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval-tasks", type=common.positive_int, default=600, help="held-out test tasks")
     evaluation.add_argument("--eval-every", type=common.positive_int, default=1000,
-                            help="outer steps between test evaluations (and at the end)")
+                            help="outer steps between test evaluations (one more at the end)")
     evaluation.add_argument("--check-solvers", action="store_true",
                             help="instead of training: compare each solver's meta-gradient with the dense one in "
                                  f"float64 for λ in {CHECK_LAMS} (use a small --width) and write solver_check.json")
@@ -171,7 +171,7 @@ def adapt(model: nn.Module, theta0: list[Tensor], support: tuple[Tensor, Tensor]
           lr: float) -> float:
     """Inner problem (iMAML Eq. 4): set ``model`` to θ₀ and take ``steps`` SGD steps on f.
 
-    Returns the support cross-entropy before the last step.
+    Returns the support cross-entropy after adaptation.
     """
     anchor = [p.detach() for p in theta0]
     with torch.no_grad():
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace, method: str, pools, device: torch.device, out)
 
         for name in CURVES:
             curves[name].append(sums[name] / (1 if name in ("hvps", "seconds") else args.meta_batch))
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.outer_steps:
+        if (step + 1) % args.eval_every == 0:  # not at the budget's end: a resumed run must see the same curves
             curves["eval_step"].append(step + 1)
             curves["test_acc"].append(evaluate(model, theta0, pools[1], args, device)["mean"])
             bar.write(f"{method} step {step + 1}: test accuracy {curves['test_acc'][-1]:.4f}")
@@ -296,13 +296,14 @@ def check_solvers(args: argparse.Namespace, pools) -> dict:
     for lam in CHECK_LAMS:
         errors = {v: [] for v in variants}
         cosines = {v: [] for v in variants}
-        above, lowest = [], []
+        above, lowest, highest = [], [], []
         for _ in range(args.check_tasks):
             task = tasks.sample(dtype=torch.float64)
             adapt(model, theta0, task.support, lam, args.inner_steps, args.inner_lr)
             exact, eigenvalues = dense_meta_gradient(model, task, lam)
             above.append(int((eigenvalues > lam / 100).sum()))
             lowest.append(eigenvalues[0].item())
+            highest.append(eigenvalues[-1].item())
             for method, form in variants:
                 solver = make_solver(args, method, form, lam)
                 grads, _ = implicit_hypergradient(theta0, training_loss(theta0, task.support, lam, form),
@@ -315,7 +316,7 @@ def check_solvers(args: argparse.Namespace, pools) -> dict:
             rows.append({"lam": lam, "ihvp": method, "lam_in": form, "rel_error": _mean(errors[(method, form)]),
                          "cosine": _mean(cosines[(method, form)])})
         rows.append({"lam": lam, "ihvp": "H_support", "lam_in": "", "eigenvalues_above_lam_over_100": _mean(above),
-                     "lowest_eigenvalue": min(lowest)})
+                     "lowest_eigenvalue": min(lowest), "highest_eigenvalue": max(highest)})
     return {"width": args.width, "ways": args.ways, "shots": args.shots, "params": p, "tasks": args.check_tasks,
             "rank": args.rank, "rho": args.rho, "iters": args.iters, "alpha": args.alpha, "rows": rows}
 
@@ -353,7 +354,7 @@ def print_check(check: dict) -> None:
     for row in check["rows"]:
         if row["ihvp"] == "H_support":
             print(f"{row['lam']:>6} H_support: {row['eigenvalues_above_lam_over_100']:.1f} of {check['params']} "
-                  f"eigenvalues above λ/100, lowest {row['lowest_eigenvalue']:.3g}")
+                  f"eigenvalues above λ/100, lowest {row['lowest_eigenvalue']:.3g}, highest {row['highest_eigenvalue']:.3g}")
         else:
             print(f"{row['lam']:>6} {row['ihvp']:>9} {row['lam_in']:>8} {row['rel_error']:>11.3g} {row['cosine']:>8.4f}")
 
@@ -367,7 +368,9 @@ def plot_curves(path, results: dict, base: dict, args: argparse.Namespace) -> No
             window = max(1, len(loss) // 50)
             smooth = loss.unfold(0, window, 1).mean(1)
             left.plot(range(window, window + len(smooth)), smooth.tolist(), label=method)
-            right.plot(result["curves"]["eval_step"], result["curves"]["test_acc"], marker="o", label=method)
+            steps = [*result["curves"]["eval_step"], args.outer_steps]
+            accs = [*result["curves"]["test_acc"], result["final"]["test_acc"]["mean"]]
+            right.plot(steps, accs, marker="o", label=method)
         right.axhline(base["mean"], color="gray", linestyle="--", label="no meta-learning")
         left.set(xlabel="outer step", ylabel="query loss after adaptation (meta-training tasks)",
                  title=f"iMAML {args.dataset} {args.ways}-way {args.shots}-shot")

@@ -140,11 +140,11 @@ def test_sampler_rejects_more_ways_or_images_than_the_data_has(omniglot_root):
 # -- the recipe end to end -----------------------------------------------------------------------
 def test_runs_all_solvers_on_a_generated_omniglot_tree(tmp_path, omniglot_root):
     metrics = imaml.main(["--data-root", str(omniglot_root), "--train-classes", "8", "--ihvp", "all",
-                          "--outer-steps", "2", "--eval-every", "1", "--out", str(tmp_path), *TINY])
+                          "--outer-steps", "2", "--eval-every", "2", "--out", str(tmp_path), *TINY])
     assert metrics == json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"nystrom", "cg", "neumann"}
     for method, result in metrics["methods"].items():
-        assert len(result["curves"]["query_loss"]) == 2 and result["curves"]["eval_step"] == [1, 2]
+        assert len(result["curves"]["query_loss"]) == 2 and result["curves"]["eval_step"] == [2]
         acc = result["final"]["test_acc"]
         assert 0.0 <= acc["mean"] <= 1.0 and acc["ci95"] > 0 and acc["tasks"] == 4
         assert result["final"]["lam_in"] == ("hessian" if method == "neumann" else "damping")
@@ -155,27 +155,32 @@ def test_runs_all_solvers_on_a_generated_omniglot_tree(tmp_path, omniglot_root):
 
 
 def test_resume_on_mnist_idx_files_matches_an_uninterrupted_run(tmp_path, mnist_root):
-    flags = ["--dataset", "mnist", "--data-root", str(mnist_root), "--checkpoint-every", "1", "--eval-every", "5",
+    flags = ["--dataset", "mnist", "--data-root", str(mnist_root), "--checkpoint-every", "1", "--eval-every", "2",
              *TINY]
     straight = imaml.main([*flags, "--outer-steps", "3", "--out", str(tmp_path / "a")])
     imaml.main([*flags, "--outer-steps", "2", "--out", str(tmp_path / "b")])
     resumed = imaml.main([*flags, "--outer-steps", "3", "--out", str(tmp_path / "b"), "--resume"])
-    assert resumed["methods"]["nystrom"]["curves"] == straight["methods"]["nystrom"]["curves"]
+    for name, curve in straight["methods"]["nystrom"]["curves"].items():
+        if name != "seconds":  # wall time
+            assert resumed["methods"]["nystrom"]["curves"][name] == curve, name
+    assert straight["methods"]["nystrom"]["curves"]["eval_step"] == [2]
     assert resumed["methods"]["nystrom"]["final"]["test_acc"] == straight["methods"]["nystrom"]["final"]["test_acc"]
     assert resumed["baseline"] == straight["baseline"]
 
 
-def test_check_solvers_finds_nystrom_accurate_only_with_lambda_as_damping(tmp_path, mnist_root):
+def test_check_solvers_reproduces_the_dense_meta_gradient_with_the_exact_solver(tmp_path, mnist_root):
+    # ρ → 0: the exact solver must then agree with the dense solve, in both forms, even where H_s + λI
+    # is indefinite (a random net after two inner steps is far from a minimum).
     check = imaml.main(["--dataset", "mnist", "--data-root", str(mnist_root), "--check-solvers", "--check-tasks", "1",
-                        "--out", str(tmp_path), *TINY])
+                        "--rho", "1e-9", "--out", str(tmp_path), *TINY])
     assert check == json.loads((tmp_path / "solver_check.json").read_text())
     rows = {(r["lam"], r["ihvp"], r["lam_in"]): r for r in check["rows"]}
     for lam in imaml.CHECK_LAMS:
-        exact = rows[(lam, "exact", "damping")]
-        assert exact["rel_error"] < 0.02 and exact["cosine"] > 0.9999  # only ρ = 0.01 separates it from the answer
-        assert rows[(lam, "nystrom", "damping")]["rel_error"] < rows[(lam, "nystrom", "hessian")]["rel_error"]
+        for form in ("hessian", "damping"):
+            assert rows[(lam, "exact", form)]["rel_error"] < 1e-5 and rows[(lam, "exact", form)]["cosine"] > 1 - 1e-9
         assert rows[(lam, "cg", "damping")]["rel_error"] == pytest.approx(rows[(lam, "cg", "hessian")]["rel_error"],
-                                                                          rel=1e-6)
+                                                                          rel=1e-4)
+        assert rows[(lam, "H_support", "")]["lowest_eigenvalue"] < rows[(lam, "H_support", "")]["highest_eigenvalue"]
 
 
 def test_damping_form_with_neumann_is_refused_with_one_line(tmp_path, mnist_root):
@@ -187,16 +192,17 @@ def test_damping_form_with_neumann_is_refused_with_one_line(tmp_path, mnist_root
                     "--out", str(tmp_path), *TINY])
 
 
-@pytest.mark.parametrize("flags, code, start", [
+@pytest.mark.parametrize("flags, code, message", [
     (["--dataset", "omniglot"], 1, "error: omniglot not found"),
-    (["--ways", "0"], 2, "usage:"),
+    (["--ways", "0"], 2, "recipes.imaml: error: argument --ways: expected an integer >= 1, got 0"),
 ])
-def test_bad_flag_or_missing_data_exits_non_zero_without_a_traceback(tmp_path, flags, code, start):
+def test_bad_flag_or_missing_data_exits_non_zero_with_one_error_line(tmp_path, flags, code, message):
     result = subprocess.run([sys.executable, "-m", "recipes.imaml", "--data-root", str(tmp_path / "none"),
                              "--out", str(tmp_path / "out"), *flags], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == code
-    assert result.stderr.startswith(start) and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == (1 if code == 1 else 2)  # argparse: usage line + error line
+    assert result.returncode == code and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(message)
+    assert code == 2 or len(lines) == 1  # argparse prints its usage before the error line
 
 
 def test_runs_as_module_with_help():
