@@ -24,10 +24,10 @@ The solvers compute (H + ρI)⁻¹ b; ``--lam-in`` says where λ goes:
 Both target λ (H_support + (λ+ρ)I)⁻¹ ∇_θ g and give the same numbers with
 ``exact`` and ``cg``.  They differ for Nyström: a rank-k sketch of
 H_support + λI cannot hold λI outside the span of its k columns, where
-(H_k + ρI)⁻¹ is 1/ρ instead of 1/(λ+ρ); a support set of N·K images makes
-H_support itself nearly low rank, so sketching it and adding λ exactly keeps
-the meta-gradient accurate.  Neumann has no damping and takes ``hessian``
-only.  ``--check-solvers`` measures every variant against the dense answer in
+(H_k + ρI)⁻¹ is 1/ρ instead of 1/(λ+ρ); sketching H_support alone and
+adding λ exactly is exact whenever the sketch spans H_support (a convex
+support problem whose Hessian has rank ≤ k, tested).  Neumann has no damping
+and takes ``hessian`` only.  ``--check-solvers`` measures every variant against the dense answer in
 float64 (docs/recipes.md has the table); ``auto`` picks ``damping`` for the
 solvers with a damping and ``hessian`` for the others.
 
