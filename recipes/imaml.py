@@ -402,9 +402,11 @@ def main(argv=None) -> dict:
         methods = list(TABLE3) if args.ihvp == "all" else [args.ihvp]
         for method in methods:  # reject bad solver flags before any work
             make_solver(args, method, lam_form(args, method), args.lam)
-        if "exact" in methods and sum(p.numel() for p in ConvNet4(args.ways, args.width).parameters()) > EXACT_MAX_PARAMS:
-            raise common.RecipeError(f"--ihvp exact materialises the p × p Hessian: use --width 8 or smaller "
-                                     f"(at most {EXACT_MAX_PARAMS} parameters)")
+        params = sum(p.numel() for p in ConvNet4(args.ways, args.width).parameters())
+        if ("exact" in methods or args.check_solvers) and params > EXACT_MAX_PARAMS:
+            what = "--check-solvers" if args.check_solvers else "--ihvp exact"
+            raise common.RecipeError(f"{what} materialises the p × p Hessian: use --width 8 or smaller "
+                                     f"(at most {EXACT_MAX_PARAMS} parameters, got {params})")
         device = common.resolve_device(args.device, args.threads)
         try:
             pools = load_classes(args.dataset, args.data_root, train_classes=args.train_classes, download=args.download)

@@ -187,6 +187,9 @@ def test_damping_form_with_neumann_is_refused_with_one_line(tmp_path, mnist_root
     with pytest.raises(SystemExit, match="^error: --lam-in damping needs a solver with a damping"):
         imaml.main(["--dataset", "mnist", "--data-root", str(mnist_root), "--ihvp", "neumann", "--lam-in", "damping",
                     "--out", str(tmp_path), *TINY])
+    with pytest.raises(SystemExit, match="^error: --check-solvers materialises the p × p Hessian"):
+        imaml.main(["--dataset", "mnist", "--data-root", str(mnist_root), "--check-solvers", "--width", "64",
+                    "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="^error: Invalid train_classes: 10"):
         imaml.main(["--dataset", "mnist", "--data-root", str(mnist_root), "--train-classes", "10",
                     "--out", str(tmp_path), *TINY])
