@@ -148,6 +148,11 @@ def _worker(rank, init_file, out_dir):
     torch.manual_seed(rank)  # no generator: the ranks' global generators differ, the sketch must not
     grads, _ = implicit_hypergradient(hparams, train, val, model, SOLVERS["nystrom"])
     record["no generator"] = _gathered_equal(flat(grads))
+    try:  # refused before any collective: the ranks could size κ differently and deadlock
+        implicit_hypergradient(hparams, train, val, model, Nystrom(rank=8, rho=0.1, chunk="auto"))
+        record["auto chunk"] = "accepted"
+    except ValueError as error:
+        record["auto chunk"] = str(error)
     hopt = HyperOptimizer(hparams, base=torch.optim.SGD, ihvp=seeded("nystrom", rank), lr=0.0)
     hopt.zero_grad()
     hopt.accumulate(train, val, ddp)
@@ -289,12 +294,12 @@ def test_hypergradient_equals_single_process_full_batch(ranks, kind, name):
 
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_communication_is_counted_per_method(ranks, name):
-    """Broadcast of the generator, direct term (p + |φ|), the HVPs (hvps·p), residual HVP, mixed term (|φ|), checks."""
+    """Broadcast of the generator, direct term (p + |φ|), the HVPs (hvps·p), residual HVP, mixed term (|φ|), six checks."""
     _, model, hparams = make_problem()
     p, n_phi = sum(t.numel() for t in model.parameters()), sum(h.numel() for h in hparams)
     generator_bytes = torch.Generator().get_state().numel()
     info = ranks[0]["replica", name]["info"]
-    assert info.comm_bytes == generator_bytes + 8 * ((p + n_phi) + info.hvps * p + n_phi + 4)
+    assert info.comm_bytes == generator_bytes + 8 * ((p + n_phi) + info.hvps * p + n_phi + 6)
     if name in ONE_CALL_PER_HVP_BATCH:
         # + 1 for the residual's HVP
         assert info.collectives == 4 + ONE_CALL_PER_HVP_BATCH[name] + 1
@@ -303,6 +308,11 @@ def test_communication_is_counted_per_method(ranks, name):
 
 def test_nystrom_without_generator_draws_one_sketch_for_all_ranks(ranks):
     assert ranks[0]["no generator"]
+
+
+def test_auto_chunk_is_refused_data_parallel_on_every_rank(ranks):
+    for record in ranks:
+        assert "chunk='auto' cannot be used data-parallel" in record["auto chunk"]
 
 
 def test_accumulate_with_per_rank_seeds_matches_single_process(ranks):

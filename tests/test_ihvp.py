@@ -246,6 +246,14 @@ def test_exact_solves_and_refuses_large_problems():
         Exact(max_memory=40 * 40 * 56 - 1).solve(Counted(A), b)
 
 
+def test_exact_with_tiny_damping_has_no_rounding_blown_up_by_one_over_rho():
+    """Every eigenvalue is data: the noise-level complement is empty and must contribute nothing, not
+    (b − UUᵀb)/ρ, whose ε‖b‖ rounding 1/ρ = 1e13 turned into a 1e-3 relative error."""
+    A, b = spd(40, cond=1e2), torch.randn(40, dtype=DT)
+    for rho in (1e-13, 1e-9):
+        assert rel(Exact(rho=rho).solve(Counted(A), b), damped_solve(A, b, rho)) < 1e-12
+
+
 # --- cut-offs: which eigenvalues are data (A1, A2) ----------------------------------------------
 
 def spectrum(p, lam, seed=0):

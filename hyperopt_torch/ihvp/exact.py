@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .._checks import nonnegative_float, positive_int
 from ._base import Matvec
-from ._linalg import eigh_above_noise
+from ._linalg import noise_floor
 
 
 def dense_hessian(matvec: Matvec, p: int, *, dtype: torch.dtype, device, batch: int = 256) -> Tensor:
@@ -39,14 +39,14 @@ def damped_pinv_solve(H: Tensor, b: Tensor, rho: float) -> Tensor:
     complement.  An eigenvalue ``λ + ρ`` within the noise of zero (an
     indefinite ``H`` with ``λ ≈ −ρ``) is pseudo-inverted too.
     """
-    lam, U, floor = eigh_above_noise(H)
+    lam, U = torch.linalg.eigh(0.5 * (H + H.T))
+    floor = noise_floor(H, lam)
     shifted = lam + rho
     inv = torch.where(shifted.abs() > floor, 1.0 / shifted, torch.zeros_like(shifted))
-    ub = U.T @ b
-    x = U @ (inv * ub)
-    if rho:
-        x += (b - U @ ub) / rho
-    return x
+    # Noise-level directions get 1/ρ through their own eigenvectors, not as b − UUᵀb over the kept
+    # ones: that difference carries ε‖b‖ of rounding, which 1/ρ = 1e13 would turn into 1e-3‖b‖.
+    inv = torch.where(lam.abs() > floor, inv, torch.full_like(lam, 1.0 / rho if rho else 0.0))
+    return U @ (inv * (U.T @ b))
 
 
 MAX_MEMORY = 4 * 2**30  # bytes: the default guard, about p = 8,700 in float64 and 9,400 in float32
