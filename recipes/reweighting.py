@@ -107,7 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     task.add_argument("--amp", action="store_true", help="classifier forward passes in bfloat16 autocast")
     task.add_argument("--eval-every", type=common.positive_int, default=100,
                       help="outer steps between test evaluations (and weight-curve snapshots)")
-    task.add_argument("--test-subset", type=common.positive_int, default=None, help="evaluate on the first N test images")
+    task.add_argument("--test-subset", type=common.positive_int, default=None,
+                      help="evaluate on the first N test images")
     args = parser.parse_args(argv)
     if args.lr_milestones is None:  # recorded in config.json, so --resume with another --outer-steps keeps them
         args.lr_milestones = [args.outer_steps * 2 // 3, args.outer_steps * 5 // 6]
@@ -187,8 +188,9 @@ def sample_losses(model: nn.Module, x: Tensor, y: Tensor, amp: bool) -> Tensor:
 
 def inner_objective(model: nn.Module, weight_net: nn.Module, x: Tensor, y: Tensor, weight_decay: float,
                     amp: bool = False) -> Tensor:
-    """f(θ, φ) = (1/|B|) Σ μ_φ(sg[ℓ_i]) ℓ_i + (λ/2)‖θ‖² on the batch ``(x, y)``: a scalar tensor that depends
-    on φ only through the weights; μ_φ sees the detached loss values (module docstring)."""
+    """f(θ, φ) = (1/|B|) Σ μ_φ(sg[ℓ_i]) ℓ_i + (λ/2)‖θ‖² on the batch ``(x, y)``, a scalar tensor.
+
+    φ enters only through the weights; μ_φ sees the detached loss values (module docstring)."""
     losses = sample_losses(model, x, y, amp)
     # SGD's weight_decay is the gradient of (λ/2)‖θ‖²: with it, ∇_θ f is the inner step's direction.
     decay = 0.5 * weight_decay * sum(p.square().sum() for p in model.parameters())
@@ -254,11 +256,11 @@ def main(argv=None) -> dict:
                          "weight_net": weight_net.state_dict(), "hopt": hopt.state_dict(),
                          "batches": batches.get_state(), "curves": curves, "weight_curves": weight_curves})
 
-    def draw(split: str, size: int) -> tuple[Tensor, Tensor]:
-        x, y = data[split]
-        index = torch.randint(len(x), (size,), generator=batches).to(device)
+    def train_batch() -> tuple[Tensor, Tensor]:
+        x, y = data["train"]
+        index = torch.randint(len(x), (args.batch_size,), generator=batches).to(device)
         x = x[index]
-        if split == "train" and args.augment and args.dataset == "cifar10":
+        if args.augment and args.dataset == "cifar10":
             x = augment(x, batches)
         return x, y[index]
 
@@ -271,16 +273,16 @@ def main(argv=None) -> dict:
         lr = args.inner_lr * 0.1 ** sum(step >= m for m in args.lr_milestones)
         for group in inner_opt.param_groups:
             group["lr"] = lr
-        plain, weight_sum = 0.0, 0.0
+        plain, weight_sum = 0.0, 0.0  # summed as tensors: no host sync per inner step on a GPU
         for _ in range(args.hyper_every):
-            x, y = draw("train", args.batch_size)
+            x, y = train_batch()
             losses = sample_losses(model, x, y, args.amp)
             weights = torch.ones_like(losses) if args.baseline else weight_net(losses.detach()).detach()
             inner_opt.zero_grad()
             (weights * losses).mean().backward()
             inner_opt.step()
-            plain += losses.mean().item()
-            weight_sum += weights.mean().item()
+            plain = plain + losses.detach().mean()
+            weight_sum = weight_sum + weights.mean()
 
         # Outer step on the current mini-batch (x, y) and a balanced meta batch.
         meta_index = torch.randint(len(x_meta), (args.meta_batch,), generator=batches).to(device)
@@ -300,8 +302,8 @@ def main(argv=None) -> dict:
             info = hopt.step(train_loss_fn, val_loss_fn, model)
             val_loss, hvps, seconds = info.val_loss, info.hvps, info.seconds
 
-        for name, value in zip(CURVES, (val_loss, plain / args.hyper_every, weight_sum / args.hyper_every, lr, hvps,
-                                        seconds)):
+        for name, value in zip(CURVES, (val_loss, plain.item() / args.hyper_every,
+                                        weight_sum.item() / args.hyper_every, lr, hvps, seconds)):
             curves[name].append(value)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.outer_steps:
             curves["eval_step"].append(step + 1)
