@@ -23,7 +23,8 @@ What sg[·] leaves out: the inner SGD is exact gradient descent on
 F(θ, φ) = (1/|B|) Σ W_φ(ℓ_i) with W_φ' = μ_φ, whose Hessian is
 (1/|B|) Σ [μ_φ(ℓ_i) ∇²ℓ_i + μ_φ'(ℓ_i) ∇ℓ_i ∇ℓ_iᵀ].  The solvers see f's
 Hessian, the first term only (the mixed term ∂²f/∂φ∂θ is the same for f and
-F); Shu et al.'s one-step unrolled hypergradient makes the same choice.
+F); Shu et al.'s one-step unrolled hypergradient detaches the loss the same
+way and uses no Hessian at all.
 
 Outputs in ``--out``: ``config.json``, ``metrics.json`` (test accuracy,
 per-class accuracy, per-outer-step curves, the learned loss→weight curve at
