@@ -1,9 +1,14 @@
-"""WideResNet-28-k for CIFAR-sized input (Zagoruyko & Komodakis 2016).
+"""WideResNet-d-k for CIFAR-sized input (Zagoruyko & Komodakis 2016), shared by the recipes and benchmarks.
 
 Pre-activation basic blocks (BN → ReLU → 3x3 conv, twice) in three groups of
-``(depth − 4) / 6`` blocks with ``16k``, ``32k`` and ``64k`` channels; the
-second and third groups start with stride 2.  WRN-28-2, the model of the
-Nyström paper's Table 5, has about 1.47M parameters.
+``(d − 4) / 6`` blocks with ``16k``, ``32k`` and ``64k`` channels; the
+second and third groups start with stride 2, and a 1x1 convolution of the
+pre-activated input is the shortcut where the shape changes.  No dropout (the
+setting of Shu et al. 2019 and the Nyström paper).  WRN-28-10, the classifier
+of the paper's Table 4, has 36,479,194 parameters ("3.6×10^7"); WRN-28-2, the
+model of Table 5, has 1,467,610; WRN-10-1 (for tests) 77,850.  Global average
+pooling before the classifier makes any input of at least 8 x 8 pixels work
+(MNIST's 28 x 28 included).
 
 References:
     Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016.
@@ -32,7 +37,7 @@ class _Block(nn.Module):
 
 
 class WideResNet(nn.Sequential):
-    """WRN-``depth``-``width`` for ``(N, channels, 32, 32)`` images, logits ``(N, num_classes)``.
+    """WRN-``depth``-``width`` for ``(N, channels, H, W)`` images (CIFAR: 3 x 32 x 32), logits ``(N, num_classes)``.
 
     Args:
         depth: total depth, ``6n + 4`` (28 gives ``n = 4`` blocks per group).

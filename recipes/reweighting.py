@@ -1,0 +1,407 @@
+"""Meta-Weight-Net data reweighting by implicit differentiation (Hataya & Yamada 2023, section 5.4).
+
+Long-tailed CIFAR-10 (Cui et al.'s exponential profile, imbalance 200 / 100 /
+50) trains a WideResNet ν_θ; a weighting network μ_φ, an MLP 1 → 100 → 1 with
+a sigmoid (Shu et al. 2019), maps each sample's cross-entropy ℓ_i to its
+weight.  The inner problem, on the current mini-batch B, is
+
+    f(θ, φ) = (1/|B|) Σ_{i∈B} μ_φ(sg[ℓ_i(θ)]) · ℓ_i(θ) + (λ/2) ‖θ‖²,
+
+minimised by SGD (lr 0.1, momentum 0.9, weight decay λ = 5e-4, ×0.1 at 2/3
+and 5/6 of the run as in Shu et al.'s code); θ is never reset.  sg[·] is
+stop-gradient: μ_φ sees the loss *value*, as in Shu et al.'s code, so ∇_θ f is
+exactly the direction the inner SGD follows and θ's fixed point is the one
+implicit differentiation assumes.  The weights are normalised by the batch
+size (Shu et al.'s current code; their first version divided by Σ μ instead).
+Every ``--hyper-every`` (10) inner steps one Adam step (lr 1e-5, the paper's
+value) moves φ along the implicit hypergradient (paper Eq. 3) of the
+cross-entropy on a mini-batch of the balanced meta split, a 2 % slice of the
+training data, with the classifier in eval mode.  ``--baseline`` trains the
+same classifier on the plain mean cross-entropy (Table 4's baseline row).
+
+What sg[·] leaves out: the inner SGD is exact gradient descent on
+F(θ, φ) = (1/|B|) Σ W_φ(ℓ_i) with W_φ' = μ_φ, whose Hessian is
+(1/|B|) Σ [μ_φ(ℓ_i) ∇²ℓ_i + μ_φ'(ℓ_i) ∇ℓ_i ∇ℓ_iᵀ].  The solvers see f's
+Hessian, the first term only (the mixed term ∂²f/∂φ∂θ is the same for f and
+F); Shu et al.'s one-step unrolled hypergradient detaches the loss the same
+way and uses no Hessian at all.
+
+Outputs in ``--out``: ``config.json``, ``metrics.json`` (test accuracy,
+per-class accuracy, per-outer-step curves, the learned loss→weight curve at
+every evaluation), ``weights.png``, ``curves.png`` and ``per_class.png``.
+
+Example::
+
+    python -m recipes.reweighting --data-root data --imbalance 100 --ihvp nystrom --out runs/reweighting
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hyperopt_torch import HyperOptimizer
+
+from . import common
+from .cifar import CLASSES, flip_labels, load_cifar10, long_tail_split
+from .data import DATASETS, load_split
+from .wideresnet import WideResNet
+
+DATASET_CHOICES = ("cifar10", *DATASETS)
+LOSS_GRID = torch.linspace(0.0, 8.0, 81)  # losses at which the learned weight curve is recorded
+CURVES = ("val_loss", "train_loss", "weight_mean", "lr", "hvps", "seconds")
+
+
+# -- configuration -------------------------------------------------------------------------------
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
+def at_least_one(text: str) -> float:
+    value = float(text)
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = common.make_parser("recipes.reweighting", __doc__.split("\n\n")[0],
+                                outer_steps=1500, rank=10, rho=0.01, iters=10, alpha=0.01)
+    task = parser.add_argument_group("task (defaults: paper section 5.4 and Shu et al. 2019)")
+    task.add_argument("--baseline", action="store_true", help="train on the plain mean cross-entropy, no reweighting")
+    task.add_argument("--dataset", choices=DATASET_CHOICES, default="cifar10")
+    task.add_argument("--data-root", default="data",
+                      help="folder holding cifar-10-batches-py/ or <MNIST|FashionMNIST>/raw/")
+    task.add_argument("--download", action="store_true", help="let torchvision download the dataset into --data-root")
+    task.add_argument("--imbalance", type=at_least_one, default=100.0,
+                      help="largest / smallest class size of the long-tailed training split (paper: 200, 100, 50)")
+    task.add_argument("--meta-fraction", type=fraction, default=0.02,
+                      help="share of the training data set aside as the balanced meta (validation) split")
+    task.add_argument("--label-noise", type=fraction, default=0.0,
+                      help="share of training labels redrawn uniformly over the classes")
+    task.add_argument("--resize", type=common.positive_int, default=None,
+                      help="resize every image to N x N (bilinear, antialiased); default: native size (the WRN "
+                           "takes MNIST's 28 x 28 as it is)")
+    task.add_argument("--depth", type=common.positive_int, default=28, help="WideResNet depth (6n + 4)")
+    task.add_argument("--width", type=common.positive_int, default=10, help="WideResNet widening factor k")
+    task.add_argument("--hidden", type=common.positive_int, default=100, help="hidden units of the weighting MLP")
+    task.add_argument("--batch-size", type=common.positive_int, default=100, help="training mini-batch")
+    task.add_argument("--meta-batch", type=common.positive_int, default=100, help="meta mini-batch per hypergradient")
+    task.add_argument("--hyper-every", type=common.positive_int, default=10,
+                      help="inner SGD steps per outer step (inner steps = outer steps x this)")
+    task.add_argument("--inner-lr", type=common.positive_float, default=0.1, help="inner SGD learning rate")
+    task.add_argument("--momentum", type=float, default=0.9, help="inner SGD momentum")
+    task.add_argument("--weight-decay", type=float, default=5e-4, help="inner SGD weight decay λ")
+    task.add_argument("--lr-milestones", type=common.positive_int, nargs="*", default=None,
+                      help="outer steps after which the inner lr is multiplied by 0.1; default 2/3 and 5/6 of "
+                           "--outer-steps (Shu et al.: epochs 80 and 100 of 120)")
+    task.add_argument("--outer-lr", type=common.positive_float, default=1e-5,
+                      help="Adam learning rate of the weighting net (paper; Shu et al.'s code uses 1e-3)")
+    task.add_argument("--no-augment", dest="augment", action="store_false",
+                      help="CIFAR-10 only: no random crop (padding 4) and horizontal flip")
+    task.add_argument("--amp", action="store_true", help="classifier forward passes in bfloat16 autocast")
+    task.add_argument("--eval-every", type=common.positive_int, default=100,
+                      help="outer steps between test evaluations (and weight-curve snapshots)")
+    task.add_argument("--test-subset", type=common.positive_int, default=None,
+                      help="evaluate on the first N test images")
+    args = parser.parse_args(argv)
+    if args.lr_milestones is None:  # recorded in config.json, so --resume with another --outer-steps keeps them
+        args.lr_milestones = [args.outer_steps * 2 // 3, args.outer_steps * 5 // 6]
+    return args
+
+
+# -- data ----------------------------------------------------------------------------------------
+def load_data(args: argparse.Namespace, device: torch.device) -> dict:
+    """Long-tailed training split, balanced meta split (both from the training data) and the test split.
+
+    Returns ``{"train": (x, y), "meta": (x, y), "test": (x, y), "counts": [...]}`` on ``device``.
+
+    Raises:
+        DatasetMissing: the files are not under ``--data-root``.
+        RecipeError: the training data is too small for the requested meta split.
+    """
+    def load(train: bool) -> tuple[Tensor, Tensor]:
+        if args.dataset == "cifar10":
+            return load_cifar10(args.data_root, train=train, download=args.download)
+        return load_split(args.dataset, args.data_root, train=train, download=args.download)
+
+    x, y = load(True)
+    x_test, y_test = load(False)
+    if args.resize is not None:
+        x, x_test = (F.interpolate(t, size=args.resize, mode="bilinear", antialias=True) for t in (x, x_test))
+    num_classes = int(y.max()) + 1
+    split = torch.Generator().manual_seed(args.seed)
+    meta_per_class = max(1, round(args.meta_fraction * len(y) / num_classes))
+    try:
+        train_index, meta_index = long_tail_split(y, imbalance=args.imbalance, meta_per_class=meta_per_class,
+                                                  generator=split)
+    except ValueError as error:
+        raise common.RecipeError(f"--meta-fraction {args.meta_fraction}: {error}") from None
+    y_train = y[train_index]
+    if args.label_noise > 0:
+        y_train = flip_labels(y_train, args.label_noise, num_classes, split)
+    return {
+        "train": (x[train_index].to(device), y_train.to(device)),
+        "meta": (x[meta_index].to(device), y[meta_index].to(device)),
+        "test": (x_test[:args.test_subset].to(device), y_test[:args.test_subset].to(device)),
+        "counts": torch.bincount(y[train_index], minlength=num_classes).tolist(),
+        "label_noise_actual": (y_train != y[train_index]).float().mean().item(),
+    }
+
+
+def augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """CIFAR augmentation of a batch ``(B, 3, H, W)``: reflect-pad 4, random H×W crop, random horizontal flip."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    top, left = torch.randint(9, (2, b, 1), generator=generator).to(x.device)
+    rows = (top + torch.arange(h, device=x.device)).view(b, 1, h, 1)
+    cols = (left + torch.arange(w, device=x.device)).view(b, 1, 1, w)
+    crops = padded[torch.arange(b, device=x.device).view(b, 1, 1, 1), torch.arange(c, device=x.device).view(1, c, 1, 1),
+                   rows, cols]
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, crops.flip(3), crops)
+
+
+# -- models --------------------------------------------------------------------------------------
+class WeightNet(nn.Sequential):
+    """μ_φ: a sample's loss ``(N,)`` ↦ its weight in (0, 1), ``(N,)``; MLP 1 → hidden → 1, ReLU, sigmoid."""
+
+    def __init__(self, hidden: int = 100):
+        super().__init__(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
+
+    def forward(self, losses: Tensor) -> Tensor:
+        return super().forward(losses.unsqueeze(-1)).squeeze(-1)
+
+
+def sample_losses(model: nn.Module, x: Tensor, y: Tensor, amp: bool) -> Tensor:
+    """Per-sample cross-entropy ``(N,)`` in the model's dtype; with ``amp`` the forward pass runs in
+    bfloat16 autocast and the cross-entropy in float32."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+    return F.cross_entropy(logits.float() if amp else logits, y, reduction="none")
+
+
+def inner_objective(model: nn.Module, weight_net: nn.Module, x: Tensor, y: Tensor, weight_decay: float,
+                    amp: bool = False) -> Tensor:
+    """f(θ, φ) = (1/|B|) Σ μ_φ(sg[ℓ_i]) ℓ_i + (λ/2)‖θ‖² on the batch ``(x, y)``, a scalar tensor.
+
+    φ enters only through the weights; μ_φ sees the detached loss values (module docstring)."""
+    losses = sample_losses(model, x, y, amp)
+    # SGD's weight_decay is the gradient of (λ/2)‖θ‖²: with it, ∇_θ f is the inner step's direction.
+    decay = 0.5 * weight_decay * sum(p.square().sum() for p in model.parameters())
+    return (weight_net(losses.detach()) * losses).mean() + decay
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: tuple[Tensor, Tensor], num_classes: int, amp: bool) -> tuple[float, list[float]]:
+    """``(accuracy, per-class accuracy)`` of ``model`` in eval mode; the mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    x, y = split
+    correct = torch.zeros(num_classes, device=y.device)
+    for i in range(0, len(x), 500):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            hits = (model(x[i:i + 500]).argmax(1) == y[i:i + 500]).float()
+        correct.index_add_(0, y[i:i + 500], hits)
+    model.train(was_training)
+    totals = torch.bincount(y, minlength=num_classes).clamp(min=1)
+    return (correct.sum() / len(y)).item(), (correct / totals).tolist()
+
+
+# -- one run -------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    method = "baseline" if args.baseline else args.ihvp
+    with common.clean_errors():
+        solver = common.solver_from_args(args)
+        device = common.resolve_device(args.device, args.threads)
+        if args.amp and device.type == "cpu":
+            print("note: --amp on the CPU runs bfloat16 autocast too; it is slower than float32 on most CPUs")
+        data = load_data(args, device)
+        num_classes = len(data["counts"])
+        # Models: the classifier θ (initialised from --seed) and the weighting net φ.
+        torch.manual_seed(args.seed)
+        try:
+            model = WideResNet(args.depth, args.width, num_classes, channels=data["train"][0].shape[1]).to(device)
+        except ValueError as error:
+            raise common.RecipeError(str(error)) from None
+        out = common.prepare_out(args)
+
+    weight_net = WeightNet(args.hidden).to(device)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=args.inner_lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    hopt = HyperOptimizer(weight_net.parameters(), base=torch.optim.Adam, ihvp=solver, lr=args.outer_lr,
+                          seed=args.seed)
+    batches = torch.Generator().manual_seed(args.seed)  # training / meta batches and augmentation
+
+    checkpoint = common.Checkpoint(out, f"{method}-seed{args.seed}", resume=args.resume)
+    curves = {name: [] for name in (*CURVES, "eval_step", "test_acc")}
+    weight_curves = []  # μ_φ on LOSS_GRID at every evaluation
+    state = checkpoint.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        inner_opt.load_state_dict(state["inner_opt"])
+        weight_net.load_state_dict(state["weight_net"])
+        hopt.load_state_dict(state["hopt"])
+        batches.set_state(state["batches"])
+        curves, weight_curves = state["curves"], state["weight_curves"]
+
+    def save() -> None:
+        checkpoint.save({"model": model.state_dict(), "inner_opt": inner_opt.state_dict(),
+                         "weight_net": weight_net.state_dict(), "hopt": hopt.state_dict(),
+                         "batches": batches.get_state(), "curves": curves, "weight_curves": weight_curves})
+
+    def train_batch() -> tuple[Tensor, Tensor]:
+        x, y = data["train"]
+        index = torch.randint(len(x), (args.batch_size,), generator=batches).to(device)
+        x = x[index]
+        if args.augment and args.dataset == "cifar10":
+            x = augment(x, batches)
+        return x, y[index]
+
+    x_meta, y_meta = data["meta"]
+    start = len(curves["val_loss"])
+    bar = common.progress(args, total=args.outer_steps, initial=start, desc=f"reweighting {method}")
+    model.train()
+    for step in range(start, args.outer_steps):
+        # Inner problem: --hyper-every SGD steps on the reweighted loss, φ held fixed.
+        lr = args.inner_lr * 0.1 ** sum(step >= m for m in args.lr_milestones)
+        for group in inner_opt.param_groups:
+            group["lr"] = lr
+        plain, weight_sum = 0.0, 0.0  # summed as tensors: no host sync per inner step on a GPU
+        for _ in range(args.hyper_every):
+            x, y = train_batch()
+            losses = sample_losses(model, x, y, args.amp)
+            weights = torch.ones_like(losses) if args.baseline else weight_net(losses.detach()).detach()
+            inner_opt.zero_grad()
+            (weights * losses).mean().backward()
+            inner_opt.step()
+            plain = plain + losses.detach().mean()
+            weight_sum = weight_sum + weights.mean()
+
+        # Outer step on the current mini-batch (x, y) and a balanced meta batch.
+        meta_index = torch.randint(len(x_meta), (args.meta_batch,), generator=batches).to(device)
+
+        def val_loss_fn(m: nn.Module) -> Tensor:
+            m.eval()  # g is the loss of the classifier as it is tested (running BN statistics)
+            return sample_losses(m, x_meta[meta_index], y_meta[meta_index], args.amp).mean()
+
+        def train_loss_fn(m: nn.Module) -> Tensor:
+            return inner_objective(m, weight_net, x, y, args.weight_decay, args.amp)
+
+        if args.baseline:
+            with torch.no_grad():
+                val_loss, hvps, seconds = val_loss_fn(model).item(), 0, 0.0
+            model.train()
+        else:
+            info = hopt.step(train_loss_fn, val_loss_fn, model)
+            val_loss, hvps, seconds = info.val_loss, info.hvps, info.seconds
+
+        for name, value in zip(CURVES, (val_loss, plain.item() / args.hyper_every,
+                                        weight_sum.item() / args.hyper_every, lr, hvps, seconds)):
+            curves[name].append(value)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.outer_steps:
+            curves["eval_step"].append(step + 1)
+            curves["test_acc"].append(evaluate(model, data["test"], num_classes, args.amp)[0])
+            if not args.baseline:
+                with torch.no_grad():
+                    weight_curves.append({"step": step + 1, "weights": weight_net(LOSS_GRID.to(device)).tolist()})
+            bar.write(f"step {step + 1}: test accuracy {curves['test_acc'][-1]:.4f}")
+        bar.update()
+        bar.set_postfix(val=f"{val_loss:.4f}")
+        if (step + 1) % args.checkpoint_every == 0:
+            save()
+    bar.close()
+    save()
+
+    # Evaluation and outputs.
+    test_acc, per_class = evaluate(model, data["test"], num_classes, args.amp)
+    reweighted = [s for s in curves["seconds"] if s > 0]
+    final = {
+        "test_acc": test_acc,
+        "per_class_acc": per_class,
+        "train_counts": data["counts"],
+        "meta_size": len(x_meta),
+        "label_noise_actual": data["label_noise_actual"],
+        "val_loss_last_10": sum(curves["val_loss"][-10:]) / len(curves["val_loss"][-10:]),
+        "inner_steps": args.outer_steps * args.hyper_every,
+        "hvps_per_step": curves["hvps"][-1],
+        "hypergrad_seconds_mean": sum(reweighted) / len(reweighted) if reweighted else 0.0,
+    }
+    metrics = {"recipe": "reweighting", "method": method, "dataset": args.dataset, "imbalance": args.imbalance,
+               "outer_steps": args.outer_steps, "final": final, "curves": curves,
+               "loss_grid": LOSS_GRID.tolist(), "weight_curves": weight_curves}
+    common.write_json(out / "metrics.json", metrics)
+    print(f"{method}: test accuracy {test_acc:.4f} after {final['inner_steps']} inner steps; per class "
+          + " ".join(f"{a:.2f}" for a in per_class))
+    plot_curves(out / "curves.png", metrics, args)
+    plot_per_class(out / "per_class.png", metrics, args)
+    if weight_curves:
+        plot_weights(out / "weights.png", metrics, args)
+    return metrics
+
+
+# -- outputs -------------------------------------------------------------------------------------
+def class_names(args: argparse.Namespace, num_classes: int) -> list[str]:
+    return list(CLASSES) if args.dataset == "cifar10" else [str(c) for c in range(num_classes)]
+
+
+def plot_weights(path, metrics: dict, args: argparse.Namespace) -> None:
+    def draw(fig) -> None:
+        ax = fig.subplots()
+        snapshots = metrics["weight_curves"]
+        for i, snapshot in enumerate(snapshots):
+            shade = 0.2 + 0.8 * (i + 1) / len(snapshots)
+            ax.plot(metrics["loss_grid"], snapshot["weights"], color=(0.1, 0.3, 0.8, shade),
+                    label=f"outer step {snapshot['step']}")
+        ax.set(xlabel="training loss ℓ (cross-entropy)", ylabel="weight μ_φ(ℓ)",
+               title=f"learned loss → weight, {args.dataset} imbalance {args.imbalance:g}, {metrics['method']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+
+    common.save_figure(path, draw, figsize=(6.5, 4.5))
+
+
+def plot_curves(path, metrics: dict, args: argparse.Namespace) -> None:
+    curves = metrics["curves"]
+
+    def draw(fig) -> None:
+        left, middle, right = fig.subplots(1, 3)
+        steps = range(1, len(curves["val_loss"]) + 1)
+        left.plot(steps, curves["train_loss"], linewidth=0.8)
+        left.set(xlabel="outer step", ylabel="training cross-entropy (unweighted)", yscale="log")
+        middle.plot(steps, curves["val_loss"], linewidth=0.8)
+        middle.set(xlabel="outer step", ylabel="meta (validation) loss", yscale="log")
+        right.plot(curves["eval_step"], curves["test_acc"], marker="o")
+        right.set(xlabel="outer step", ylabel="test accuracy")
+        for ax in (left, middle, right):
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{args.dataset}, imbalance {args.imbalance:g}, {metrics['method']}")
+
+    common.save_figure(path, draw, figsize=(11.0, 3.6))
+
+
+def plot_per_class(path, metrics: dict, args: argparse.Namespace) -> None:
+    final = metrics["final"]
+
+    def draw(fig) -> None:
+        ax = fig.subplots()
+        names = class_names(args, len(final["per_class_acc"]))
+        labels = [f"{name}\n{count}" for name, count in zip(names, final["train_counts"])]
+        ax.bar(range(len(labels)), final["per_class_acc"])
+        ax.set_xticks(range(len(labels)), labels, fontsize="small")
+        ax.set(xlabel="class (training images)", ylabel="test accuracy", ylim=(0, 1),
+               title=f"per-class accuracy, {metrics['method']}: {final['test_acc']:.3f} overall")
+        ax.grid(alpha=0.3, axis="y")
+
+    common.save_figure(path, draw, figsize=(8.0, 4.0))
+
+
+if __name__ == "__main__":
+    main()
