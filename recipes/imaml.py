@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, method: str, pools, device: torch.device, out)
     theta0 = list(meta_model.parameters())
     form = lam_form(args, method)
     hopt = HyperOptimizer(theta0, base=torch.optim.Adam, ihvp=make_solver(args, method, form, args.lam),
-                          lr=args.outer_lr, seed=args.seed)
+                          lr=args.outer_lr)
     tasks = TaskSampler(pools[0], args.ways, args.shots, args.query, torch.Generator().manual_seed(args.seed))
 
     checkpoint = common.Checkpoint(out, f"{method}-seed{args.seed}", resume=args.resume)

@@ -236,8 +236,7 @@ def main(argv=None) -> dict:
     weight_net = WeightNet(args.hidden).to(device)
     inner_opt = torch.optim.SGD(model.parameters(), lr=args.inner_lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    hopt = HyperOptimizer(weight_net.parameters(), base=torch.optim.Adam, ihvp=solver, lr=args.outer_lr,
-                          seed=args.seed)
+    hopt = HyperOptimizer(weight_net.parameters(), base=torch.optim.Adam, ihvp=solver, lr=args.outer_lr)
     batches = torch.Generator().manual_seed(args.seed)  # training / meta batches and augmentation
 
     checkpoint = common.Checkpoint(out, f"{method}-seed{args.seed}", resume=args.resume)
