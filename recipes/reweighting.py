@@ -220,8 +220,8 @@ def main(argv=None) -> dict:
     method = "baseline" if args.baseline else args.ihvp
     with common.clean_errors():
         solver = common.solver_from_args(args)
-        device = common.resolve_device(args.device, args.threads)
-        if args.amp and device.type == "cpu":
+        device = common.init_torchrun(common.resolve_device(args.device, args.threads))
+        if args.amp and device.type == "cpu" and common.is_main():
             print("note: --amp on the CPU runs bfloat16 autocast too; it is slower than float32 on most CPUs")
         data = load_data(args, device)
         num_classes = len(data["counts"])
@@ -229,10 +229,14 @@ def main(argv=None) -> dict:
         torch.manual_seed(args.seed)
         try:
             model = WideResNet(args.depth, args.width, num_classes, channels=data["train"][0].shape[1]).to(device)
+            # Under torchrun: DDP, each rank training on its share of every batch (BatchNorm's batch
+            # statistics are then per share, as in any DDP run without SyncBatchNorm).
+            model = common.data_parallel(model)
         except ValueError as error:
             raise common.RecipeError(str(error)) from None
         out = common.prepare_out(args)
 
+    network = getattr(model, "module", model)  # the classifier itself: checkpoints move between 1 and n ranks
     weight_net = WeightNet(args.hidden).to(device)
     inner_opt = torch.optim.SGD(model.parameters(), lr=args.inner_lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -244,7 +248,7 @@ def main(argv=None) -> dict:
     weight_curves = []  # μ_φ on LOSS_GRID at every evaluation
     state = checkpoint.load()
     if state is not None:
-        model.load_state_dict(state["model"])
+        network.load_state_dict(state["model"])
         inner_opt.load_state_dict(state["inner_opt"])
         weight_net.load_state_dict(state["weight_net"])
         hopt.load_state_dict(state["hopt"])
@@ -252,7 +256,7 @@ def main(argv=None) -> dict:
         curves, weight_curves = state["curves"], state["weight_curves"]
 
     def save() -> None:
-        checkpoint.save({"model": model.state_dict(), "inner_opt": inner_opt.state_dict(),
+        checkpoint.save({"model": network.state_dict(), "inner_opt": inner_opt.state_dict(),
                          "weight_net": weight_net.state_dict(), "hopt": hopt.state_dict(),
                          "batches": batches.get_state(), "curves": curves, "weight_curves": weight_curves})
 
@@ -262,7 +266,7 @@ def main(argv=None) -> dict:
         x = x[index]
         if args.augment and args.dataset == "cifar10":
             x = augment(x, batches)
-        return x, y[index]
+        return common.shard(x), common.shard(y[index])
 
     x_meta, y_meta = data["meta"]
     start = len(curves["val_loss"])
@@ -289,21 +293,22 @@ def main(argv=None) -> dict:
 
         def val_loss_fn(m: nn.Module) -> Tensor:
             m.eval()  # g is the loss of the classifier as it is tested (running BN statistics)
-            return sample_losses(m, x_meta[meta_index], y_meta[meta_index], args.amp).mean()
+            return sample_losses(m, common.shard(x_meta[meta_index]), common.shard(y_meta[meta_index]), args.amp).mean()
 
         def train_loss_fn(m: nn.Module) -> Tensor:
             return inner_objective(m, weight_net, x, y, args.weight_decay, args.amp)
 
         if args.baseline:
             with torch.no_grad():
-                val_loss, hvps, seconds = val_loss_fn(model).item(), 0, 0.0
+                val_loss, hvps, seconds = common.mean_over_ranks(val_loss_fn(model)).item(), 0, 0.0
             model.train()
         else:
             info = hopt.step(train_loss_fn, val_loss_fn, model)
             val_loss, hvps, seconds = info.val_loss, info.hvps, info.seconds
 
-        for name, value in zip(CURVES, (val_loss, plain.item() / args.hyper_every,
-                                        weight_sum.item() / args.hyper_every, lr, hvps, seconds)):
+        plain, weight_sum = common.mean_over_ranks(torch.stack([plain, weight_sum])).tolist()
+        for name, value in zip(CURVES, (val_loss, plain / args.hyper_every,
+                                        weight_sum / args.hyper_every, lr, hvps, seconds)):
             curves[name].append(value)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.outer_steps:
             curves["eval_step"].append(step + 1)
@@ -311,7 +316,8 @@ def main(argv=None) -> dict:
             if not args.baseline:
                 with torch.no_grad():
                     weight_curves.append({"step": step + 1, "weights": weight_net(LOSS_GRID.to(device)).tolist()})
-            bar.write(f"step {step + 1}: test accuracy {curves['test_acc'][-1]:.4f}")
+            if common.is_main():
+                bar.write(f"step {step + 1}: test accuracy {curves['test_acc'][-1]:.4f}")
         bar.update()
         bar.set_postfix(val=f"{val_loss:.4f}")
         if (step + 1) % args.checkpoint_every == 0:
@@ -337,8 +343,9 @@ def main(argv=None) -> dict:
                "outer_steps": args.outer_steps, "final": final, "curves": curves,
                "loss_grid": LOSS_GRID.tolist(), "weight_curves": weight_curves}
     common.write_json(out / "metrics.json", metrics)
-    print(f"{method}: test accuracy {test_acc:.4f} after {final['inner_steps']} inner steps; per class "
-          + " ".join(f"{a:.2f}" for a in per_class))
+    if common.is_main():
+        print(f"{method}: test accuracy {test_acc:.4f} after {final['inner_steps']} inner steps; per class "
+              + " ".join(f"{a:.2f}" for a in per_class))
     plot_curves(out / "curves.png", metrics, args)
     plot_per_class(out / "per_class.png", metrics, args)
     if weight_curves:

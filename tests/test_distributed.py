@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from hyperopt_torch import ConjugateGradient, Exact, HyperOptimizer, Identity, Neumann, Nystrom, implicit_hypergradient
-from recipes import common, weight_decay
+from recipes import common, reweighting, weight_decay
+from recipes.cifar import write_cifar10
 
 DT = torch.float64
 WORLD = 2
@@ -54,7 +55,10 @@ def seeded(name, seed):
 OUTER_STEPS, INNER_STEPS, CHECKPOINT_AT = 3, 5, 2
 RECIPE_FLAGS = ["--outer-steps", "3", "--inner-steps", "20", "--dim", "10", "--n-train", "40", "--n-val", "40",
                 "--n-test", "40", "--rank", "4", "--no-progress"]
-SPAWN_DEADLINE_S = 120
+REWEIGHTING_FLAGS = ["--outer-steps", "2", "--depth", "10", "--width", "1", "--resize", "16", "--imbalance", "10",
+                     "--meta-fraction", "0.1", "--batch-size", "16", "--meta-batch", "16", "--hyper-every", "2",
+                     "--rank", "3", "--eval-every", "2", "--test-subset", "40", "--no-progress"]
+SPAWN_DEADLINE_S = 180
 
 
 # -- the problem: a tanh MLP with one log-decay per parameter and an input scale in both losses ------------
@@ -205,6 +209,11 @@ def _worker(rank, init_file, out_dir):
     # 4. The weight-decay recipe as under torchrun (the group is already initialised): rank 0 writes its outputs.
     common.save_figure = _no_plot
     weight_decay.main([*RECIPE_FLAGS, "--out", str(Path(out_dir) / "recipe")])
+    # The reweighting recipe (DDP WideResNet, batches sharded): every rank takes the same hyperparameter steps.
+    metrics = reweighting.main(["--data-root", str(Path(out_dir) / "cifar"), "--out", str(Path(out_dir) / "reweighting"),
+                                *REWEIGHTING_FLAGS])
+    record["reweighting"] = {"val_loss": metrics["curves"]["val_loss"], "test_acc": metrics["final"]["test_acc"],
+                             "same": _gathered_equal(torch.tensor(metrics["curves"]["val_loss"]))}
     try:
         common.shard(torch.zeros(3))
     except common.RecipeError as error:
@@ -236,6 +245,7 @@ def _worker(rank, init_file, out_dir):
 def ranks():
     """Run the two ranks (killed after SPAWN_DEADLINE_S so that nothing hangs); their records."""
     with tempfile.TemporaryDirectory() as tmp:
+        write_cifar10(Path(tmp) / "cifar", n_train=500, n_test=50)
         context = mp.start_processes(_worker, args=(str(Path(tmp) / "init"), tmp), nprocs=WORLD, join=False,
                                      start_method="spawn")
         deadline = time.monotonic() + SPAWN_DEADLINE_S
@@ -362,6 +372,15 @@ def test_weight_decay_recipe_on_two_ranks_matches_one_process(ranks, tmp_path, m
     for name, curves in single["methods"]["nystrom"]["curves"].items():
         if name != "seconds":
             assert torch.tensor(two[name]).double() == pytest.approx(torch.tensor(curves).double(), rel=1e-4), name
+
+
+def test_reweighting_recipe_runs_on_two_ranks_that_agree(ranks):
+    """Both ranks log the same (rank-averaged) validation losses and test accuracy.  Not equal to one process:
+    BatchNorm normalises each rank's share of a batch, as in any DDP run without SyncBatchNorm."""
+    first, second = (record["reweighting"] for record in ranks)
+    assert first["same"] and second["same"]
+    assert first["val_loss"] == second["val_loss"] and first["test_acc"] == second["test_acc"]
+    assert len(first["val_loss"]) == 2 and all(math.isfinite(v) for v in first["val_loss"])
 
 
 def test_uneven_shards_are_refused_with_the_sizes(ranks):
