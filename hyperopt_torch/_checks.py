@@ -44,6 +44,8 @@ def check_scalar(loss, name: str) -> Tensor:
 
 def check_hparams(hparams: Sequence[Tensor], name: str = "hparams") -> list[Tensor]:
     """Validate a flat list of hyperparameter tensors; return it as a list."""
+    if isinstance(hparams, Tensor):
+        raise TypeError(f"{name} must be a list of tensors, got a single tensor: wrap it in a list, [{name}]")
     hparams = list(hparams)
     if not hparams:
         raise ValueError(f"{name} is empty: expected at least one tensor to tune")

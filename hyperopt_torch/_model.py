@@ -16,9 +16,11 @@ class ModelSnapshot:
       write in place (``w.add_()``, ``clamp_``, ``nn.Embedding(max_norm=...)``
       renormalising its rows, BatchNorm's running statistics) or re-assign a
       buffer (``self.mean = 0.9 * self.mean + ...``): the original tensor
-      objects are put back and their values restored.  One copy of the
-      parameters and buffers is held; a parameter whose ``_version`` did not
-      change is not written back;
+      objects are put back and their values restored, also after writes
+      that bypass autograd's version counter (``w.data.clamp_()``).  One copy
+      of the parameters and buffers is held; restoring copies it back through
+      ``.data``, which bumps no version counter, so a graph the user built
+      before the step stays usable;
     * the ``.grad`` of ``params`` and ``extra`` (the hyperparameters).  They are
       set to ``None`` while the snapshot is open, so a ``.backward()`` inside a
       loss creates new gradients instead of adding into the saved ones, and
@@ -28,16 +30,11 @@ class ModelSnapshot:
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor], extra: Sequence[Tensor] = ()):
         self.modes = [(m, m.training) for m in model.modules()]
-        # [module, attribute name, tensor object, its _version or None, saved value]: a buffer's
-        # version is not trusted, since BatchNorm's kernel updates its running statistics in
-        # place without bumping it; an in-place write to a parameter always does.
-        self.tensors = []
+        # (module, attribute name, tensor object, saved value).  Version counters cannot tell what
+        # changed: BatchNorm's kernel and writes through .data update values without bumping them.
         with torch.no_grad():
-            for m in model.modules():
-                for name, t in m.named_parameters(recurse=False):
-                    self.tensors.append([m, name, t, t._version, t.clone()])
-                for name, t in m.named_buffers(recurse=False):
-                    self.tensors.append([m, name, t, None, t.clone()])
+            self.tensors = [(m, name, t, t.clone()) for m in model.modules()
+                            for name, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))]
         self.grads = [(t, t.grad) for t in [*params, *extra]]
         for t, _ in self.grads:
             t.grad = None
@@ -58,15 +55,10 @@ class ModelSnapshot:
             t.grad = None
         if not values:
             return
-        with torch.no_grad():
-            for entry in self.tensors:
-                m, name, t, version, saved = entry
-                if getattr(m, name) is not t:
-                    setattr(m, name, t)
-                if version is None or t._version != version:
-                    t.copy_(saved)
-                    if version is not None:
-                        entry[3] = t._version
+        for m, name, t, saved in self.tensors:
+            if getattr(m, name) is not t:
+                setattr(m, name, t)
+            t.data.copy_(saved)
 
     def close(self, values: bool = True) -> None:
         """:meth:`restore`, then hand the saved ``.grad`` objects back."""

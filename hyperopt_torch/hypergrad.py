@@ -162,6 +162,8 @@ def implicit_hypergradient(
     on the host) and once per iteration for CG with ``tol``.
     """
     hparams = check_hparams(hparams)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a CPU torch.Generator or None, got {type(generator).__name__}")
     if engine not in ENGINES:
         raise ValueError(f"Invalid engine: {engine!r} (expected one of {ENGINES})")
     solver = make_solver(ihvp) if isinstance(ihvp, str) else ihvp

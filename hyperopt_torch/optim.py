@@ -183,6 +183,9 @@ class HyperOptimizer(Optimizer):
         _check_base(base)
         if isinstance(ihvp, str):
             make_solver(ihvp)  # an unknown name is named before the keywords are sorted
+        elif isinstance(ihvp, type):
+            raise TypeError(f"ihvp={ihvp.__name__} is a class: pass a solver object, e.g. ihvp={ihvp.__name__}(...), "
+                            "or its name")
         elif not callable(getattr(ihvp, "solve", None)):
             raise ValueError(f"Invalid ihvp: {ihvp!r} (expected a solver name or an object with a solve() method)")
         settings, base_kwargs = _split_keywords(ihvp, base, settings_and_base_kwargs)
@@ -302,7 +305,9 @@ class HyperOptimizer(Optimizer):
         self.engine = result.info.engine  # a loss torch.func cannot transform will not become transformable
         if result.info.skipped:
             self._restore_solver(saved)
-            cause = ("diverged solve (the Neumann terms grew: lower alpha below 2/λ_max of the Hessian)"
+            cause = ("diverged solve (the Neumann terms grew: either alpha is above 2/λ_max of the Hessian, "
+                     "or the Hessian has negative curvature, along which the series grows for every alpha; lower "
+                     "alpha, or use CG or Nyström with rho above -λ_min)"
                      if result.info.diverged else "non-finite hypergradient or loss")
             message = (
                 f"{cause} (train {result.info.train_loss}, val {result.info.val_loss}) "

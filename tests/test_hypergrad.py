@@ -438,6 +438,27 @@ def test_parameter_writes_inside_the_losses_are_undone_and_unseen_by_the_trainin
     assert info.engine == engine and seen == [True]
 
 
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+def test_writes_through_data_that_bump_no_version_are_undone_too(ridge, engine):
+    """``w.data.clamp_()`` (an old-style constraint) changes values without autograd's version counter."""
+    found = ridge.model.weight.detach().clone()
+    seen = []
+
+    def train(m):
+        seen.append(torch.equal(m.weight, found))
+        m.weight.data.mul_(3.0)
+        return ridge.train_loss(m)
+
+    def val(m):
+        m.weight.data.clamp_(-0.01, 0.01)
+        return ridge.val_loss(m)
+
+    before = _state(ridge.model)
+    implicit_hypergradient([ridge.phi], train, val, ridge.model, Exact(), engine=engine)
+    _assert_state(ridge.model, before)
+    assert seen and all(seen)  # every call of the training loss saw the model as found, not val's clamp
+
+
 def test_embedding_max_norm_renormalisation_is_undone():
     """nn.Embedding(max_norm=...) renormalises the rows it looks up, in place, during forward."""
     torch.manual_seed(0)
@@ -583,3 +604,10 @@ def test_nystrom_draws_from_its_own_generator_unless_one_is_passed(ridge):
     state = solver.state_dict()["generator"]
     (given,), _ = implicit_hypergradient(*args, solver, generator=torch.Generator().manual_seed(5))
     assert torch.equal(given, first) and torch.equal(solver.state_dict()["generator"], state)
+
+
+def test_functional_api_names_a_bare_tensor_and_a_bad_generator(ridge):
+    with pytest.raises(TypeError, match=r"got a single tensor: wrap it in a list"):
+        implicit_hypergradient(ridge.phi, ridge.train_loss, ridge.val_loss, ridge.model, "cg")
+    with pytest.raises(TypeError, match="generator must be a CPU torch.Generator or None, got int"):
+        implicit_hypergradient([ridge.phi], ridge.train_loss, ridge.val_loss, ridge.model, "nystrom", generator=0)

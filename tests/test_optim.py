@@ -518,3 +518,17 @@ def test_exact_refuses_a_model_whose_dense_solve_would_not_fit_stating_the_estim
     assert decay.grad is None
     with pytest.raises(ValueError, match="Invalid max_memory"):
         Exact(max_memory=0)
+
+
+def test_a_solver_class_instead_of_an_object_is_refused_at_construction():
+    phi = torch.zeros(3, requires_grad=True)
+    with pytest.raises(TypeError, match=r"ihvp=Nystrom is a class: pass a solver object, e\.g\. ihvp=Nystrom\(\.\.\.\)"):
+        HyperOptimizer([phi], ihvp=Nystrom)
+
+
+def test_diverged_skip_message_names_negative_curvature_as_a_cause(ridge):
+    """An indefinite Hessian makes the Neumann series grow for every α: the warning must not blame α alone."""
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Neumann(iters=10, alpha=1.0), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="negative curvature, along which the series grows for every alpha"):
+        info = hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)
+    assert info.skipped and info.diverged

@@ -13,8 +13,11 @@ step ``rs / dᵀAd`` points the wrong way (a few iterations on an indefinite
 Hessian give a hypergradient of the wrong sign).  As Newton-CG does (Nocedal &
 Wright 2006, Algorithm 7.1), the iteration stops at the first such direction
 and returns the last iterate, which only used directions of positive
-curvature; if the very first direction has non-positive curvature it returns
-``b`` (the identity approximation ``H⁻¹ ≈ I``).  The stop is a device-side
+curvature; if the very first direction has negative curvature it returns
+``b`` (the identity approximation ``H⁻¹ ≈ I``).  A curvature of exactly zero
+(a null-space direction of a semi-definite ``H + ρI``, or a product that
+underflowed near convergence) takes no step and is not flagged: it is no
+evidence that ``H`` is indefinite.  The stop is a device-side
 mask on the updates, not a Python ``break``, and the flag is reported in
 :class:`~hyperopt_torch.ihvp.Solution`; :func:`~hyperopt_torch.implicit_hypergradient`
 reads it with its one host synchronisation and warns.  Consequence: on an
@@ -48,7 +51,7 @@ def cg_solve(matvec: Matvec, b: Tensor, iters: int, rho: float = 0.0, tol: float
     float16/bfloat16 ``b`` is iterated in float32, the products at ``b``'s
     precision: :func:`~hyperopt_torch.ihvp._base.working_precision`).  With
     ``tol`` set, stops once ``‖r‖ ≤ tol·‖b‖``.  Stops at the first direction
-    with ``dᵀ(H + ρI)d ≤ 0`` (module docstring) and flags
+    with ``dᵀ(H + ρI)d < 0`` (module docstring) and flags
     ``negative_curvature``.  A zero residual (an exactly solved system) gives
     zero steps instead of ``0/0`` and is not flagged.
 
@@ -69,8 +72,11 @@ def cg_solve(matvec: Matvec, b: Tensor, iters: int, rho: float = 0.0, tol: float
         if rho:
             Ad = Ad + rho * d
         curvature = d.dot(Ad)
-        # rs > 0 means d ≠ 0 (dᵀr = rs in CG): a zero direction is convergence, not curvature.
-        hit = active & (curvature <= 0) & (rs > 0)
+        # Only a negative dᵀ(H+ρI)d is evidence of negative curvature.  A zero one is a direction in the
+        # null space of a positive semi-definite H + ρI, a zero direction (convergence), or a product that
+        # underflowed (a float32 residual of 1e-21 on a positive definite H): it takes no step (below)
+        # and is not flagged.
+        hit = active & (curvature < 0)
         if j == 0:
             at_start = hit
         negative = negative | hit
