@@ -50,7 +50,10 @@ vectors of size ``‖b‖/ρ`` to get one of size ``‖H⁻¹b‖``, losing abou
 
 So no ``1/ρ`` cancellation happens inside the range of the sketch, and at
 ``k = p`` the solver reproduces ``(H + ρI)⁻¹ b`` to rounding even for
-``ρ = 1e-9`` (float64: ~1e-13; float32: ~κ·6e-8).
+``ρ = 1e-9`` on a well-conditioned ``H`` (float64: ~1e-13).  The Gram matrix
+``G`` squares the condition number, so in general the error is about
+``ε·cond(H)²`` (float64: 3e-9 at cond 1e4, 3e-6 at 1e6; docs/methods.md),
+until the smallest eigenvalues fall below the cut-off.
 
 What the result is outside the sketch.  The part of ``b`` that the ``k``
 sketch vectors do not reach, ``b − QQᵀb``, is returned as ``(b − QQᵀb)/ρ``:
