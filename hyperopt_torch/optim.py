@@ -243,7 +243,8 @@ class HyperOptimizer(Optimizer):
         generator state), ``None`` for a solver without state.
         """
         out = self.base.state_dict()
-        out["hyperopt"] = {**solver_config(self.solver), "solver_state": self._solver_state()}
+        out["hyperopt"] = {**solver_config(self.solver), "solver_state": self._solver_state(),
+                           "base": type(self.base).__name__}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -255,8 +256,11 @@ class HyperOptimizer(Optimizer):
         ``sd.pop("hyperopt")``.
 
         Raises:
-            ValueError: no ``"hyperopt"`` entry, or a different solver or
-                setting (each difference is named); nothing is loaded.
+            ValueError: no ``"hyperopt"`` entry, a different base optimizer,
+                solver or setting (each difference is named); nothing is
+                loaded.  Any other error while loading (a corrupt solver
+                state) leaves the base optimizer's and the solver's state as
+                they were.
         """
         state_dict = dict(state_dict)
         entry = state_dict.pop("hyperopt", None)
@@ -272,9 +276,21 @@ class HyperOptimizer(Optimizer):
         if differ:
             raise ValueError(f"the checkpoint's {mine['name']} solver has other settings ({'; '.join(differ)}): "
                              "build the optimizer with the checkpoint's settings")
-        self.base.load_state_dict(state_dict)
-        if entry.get("solver_state") is not None:
-            self.solver.load_state_dict(entry["solver_state"])
+        base = entry.get("base", type(self.base).__name__)
+        if base != type(self.base).__name__:
+            raise ValueError(f"the checkpoint was written with base={base}, this optimizer's base is "
+                             f"{type(self.base).__name__}: build it with the checkpoint's base optimizer")
+        # All or nothing: a solver state that fails to load (a corrupt generator state) must not leave
+        # the base optimizer's state replaced.
+        saved_base, saved_solver = copy.deepcopy(self.base.state_dict()), self._solver_state()
+        try:
+            self.base.load_state_dict(state_dict)
+            if entry.get("solver_state") is not None:
+                self.solver.load_state_dict(entry["solver_state"])
+        except BaseException:
+            self.base.load_state_dict(saved_base)
+            self._restore_solver(saved_solver)
+            raise
 
     def _solver_state(self):
         save = getattr(self.solver, "state_dict", None)

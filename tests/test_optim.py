@@ -532,3 +532,21 @@ def test_diverged_skip_message_names_negative_curvature_as_a_cause(ridge):
     with pytest.warns(RuntimeWarning, match="negative curvature, along which the series grows for every alpha"):
         info = hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)
     assert info.skipped and info.diverged
+
+
+def test_load_state_dict_is_all_or_nothing_and_checks_the_base_optimizer(ridge):
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.Adam, ihvp=Nystrom(rank=4), lr=0.01)
+    hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)
+    good = copy.deepcopy(hopt.state_dict())
+    before = copy.deepcopy(hopt.state_dict())
+    before_steps = before["state"][0]["step"].clone()
+    bad = copy.deepcopy(good)
+    bad["state"][0]["step"] += 5
+    bad["hyperopt"]["solver_state"]["generator"] = torch.zeros(3, dtype=torch.uint8)  # not a generator state
+    with pytest.raises(RuntimeError):
+        hopt.load_state_dict(bad)
+    assert torch.equal(hopt.state_dict()["state"][0]["step"], before_steps)
+    assert torch.equal(hopt.solver.generator.get_state(), before["hyperopt"]["solver_state"]["generator"])
+    sgd = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Nystrom(rank=4), lr=0.01)
+    with pytest.raises(ValueError, match="written with base=Adam, this optimizer's base is SGD"):
+        sgd.load_state_dict(good)
