@@ -88,8 +88,9 @@ def check_model(model: nn.Module) -> list[Tensor]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameters with requires_grad=True: there is no inner problem to differentiate")
-    for name, module in model.named_modules():
+    for module in model.modules():  # named_modules() only on failure: building the names costs more than the check
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and module.weight.requires_grad:
+            name = next(n for n, m in model.named_modules() if m is module)
             raise ValueError(
                 f"model.{name or '<root>'} is an {type(module).__name__}(sparse=True): its sparse gradients cannot be "
                 "differentiated a second time, which Hessian-vector products need; construct it with sparse=False"

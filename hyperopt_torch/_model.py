@@ -29,12 +29,16 @@ class ModelSnapshot:
     """
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor], extra: Sequence[Tensor] = ()):
-        self.modes = [(m, m.training) for m in model.modules()]
-        # (module, attribute name, tensor object, saved value).  Version counters cannot tell what
-        # changed: BatchNorm's kernel and writes through .data update values without bumping them.
+        modules = list(model.modules())
+        self.modes = [(m, m.training) for m in modules]
+        # (module, attribute name, tensor object).  Version counters cannot tell what changed:
+        # BatchNorm's kernel and writes through .data update values without bumping them.  The
+        # registries are read directly: named_parameters(recurse=False) per module costs more
+        # than the copies themselves on a small model.
+        self.tensors = [(m, name, t) for m in modules
+                        for registry in (m._parameters, m._buffers) for name, t in registry.items() if t is not None]
         with torch.no_grad():
-            self.tensors = [(m, name, t, t.clone()) for m in model.modules()
-                            for name, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))]
+            self.saved = [t.clone() for _, _, t in self.tensors]
         self.grads = [(t, t.grad) for t in [*params, *extra]]
         for t, _ in self.grads:
             t.grad = None
@@ -50,15 +54,18 @@ class ModelSnapshot:
         objects come back at :meth:`close`.
         """
         for m, mode in self.modes:
-            m.training = mode
+            if m.training != mode:  # nn.Module.__setattr__ is slow; most steps change no mode
+                m.training = mode
         for t, _ in self.grads:
             t.grad = None
         if not values:
             return
-        for m, name, t, saved in self.tensors:
+        for m, name, t in self.tensors:
             if getattr(m, name) is not t:
                 setattr(m, name, t)
-            t.data.copy_(saved)
+        # Through .data: a copy that bumps no version counter (module docstring).
+        if self.tensors:
+            torch._foreach_copy_([t.data for _, _, t in self.tensors], self.saved)
 
     def close(self, values: bool = True) -> None:
         """:meth:`restore`, then hand the saved ``.grad`` objects back."""

@@ -146,6 +146,8 @@ class HessianVectorProduct:
         if V.dim() == 1:  # CG and Neumann: the per-call overhead matters on small models
             self.calls += 1
             self.strategy = "single"
+            if not torch.is_grad_enabled():  # the solvers' case: skip entering no_grad (a few µs per product)
+                return self._single(V)
             with torch.no_grad():
                 return self._single(V)
         B = V.shape[0]
@@ -195,13 +197,22 @@ class HessianVectorProduct:
 
     def _single(self, v: Tensor) -> Tensor:
         """``v H`` for one vector ``v`` of shape ``(p,)``: one torch.cat, cheaper than a loop of copies."""
+        if len(self._sizes) == 1:
+            hv = self._backward([v.reshape(self._shapes[0])], False, None)[0]
+            if hv is None:
+                return v.new_zeros(self.numel)
+            # A product can alias its input (e.g. H = I passes v through): then, and only then, copy it.
+            if hv.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
+                return hv.reshape(-1).clone()
+            return hv.reshape(-1)
         hv = self._backward(self._pieces(v), False, None)
-        # Always a copy: a product can alias its input (e.g. H = I passes v through).
         return torch.cat([(h if h is not None else v.new_zeros(n)).reshape(-1) for h, n in zip(hv, self._sizes)])
 
     def _pieces(self, v: Tensor) -> list[Tensor]:
+        # torch.split_with_sizes, not Tensor.split: the latter's Python wrapper costs ~10 µs per call
         lead = v.shape[:-1]
-        return [piece.reshape(*lead, *shape) for piece, shape in zip(v.split(self._sizes, dim=-1), self._shapes)]
+        return [piece.reshape(*lead, *shape)
+                for piece, shape in zip(torch.split_with_sizes(v, self._sizes, dim=-1), self._shapes)]
 
     def _write(self, out: Tensor, hv) -> Tensor:
         # Copy each parameter's product into place and drop it at once, so the

@@ -236,17 +236,12 @@ def implicit_hypergradient(
                         "rule: tune those with hyperopt_torch.unrolled instead."
                     )
             mixed = comm.average(mixed, hparams)
-            grads = tuple(
-                (d.detach() if d is not None else torch.zeros_like(h)) - (m.detach() if m is not None else 0)
-                for d, m, h in zip(direct[len(params):], mixed, hparams)
-            )
-            flags = [f if f is not None else torch.zeros((), dtype=torch.bool, device=device) for f in (diverged, negative)]
-            checks = [torch.stack([torch.isfinite(g).all() for g in grads]).all().to(val.dtype), *(f.to(val.dtype) for f in flags),
-                      train.detach(), val.detach()]
-            if res is not None:
-                checks.append(res.detach().to(val.dtype))
+            grads = tuple(_combine(d, m, h) for d, m, h in zip(direct[len(params):], mixed, hparams))
+            checks = [torch.isfinite(g).all() for g in grads]
+            checks += [f if f is not None else False for f in (diverged, negative)]
+            checks += [train.detach(), val.detach(), *([] if res is None else [res.detach()])]
             # the one sync; under data parallelism averaged over the ranks, so every rank decides alike
-            finite, diverged, negative, train_value, val_value, *rest = comm.agree(torch.stack(checks)).tolist()
+            finite, diverged, negative, train_value, val_value, *rest = _fetch(checks, len(grads), comm, val.dtype)
     finally:
         snapshot.close()
 
@@ -274,6 +269,30 @@ def implicit_hypergradient(
             RuntimeWarning, stacklevel=2,
         )
     return Hypergradient(grads, info)
+
+
+def _combine(direct: Tensor | None, mixed: Tensor | None, hparam: Tensor) -> Tensor:
+    """``∂g/∂φ − (∂²f/∂φ∂θ) x`` for one hparam, either term possibly absent."""
+    if direct is None:
+        return torch.neg(mixed) if mixed is not None else torch.zeros_like(hparam)
+    return direct.detach() if mixed is None else direct.detach() - mixed.detach()
+
+
+def _fetch(checks: list, n_grads: int, comm, dtype: torch.dtype) -> list[float]:
+    """Read the step's checks on the host: ``[all grads finite, diverged, negative, f, g, (residual)]`` as floats.
+
+    ``checks`` holds ``n_grads`` finiteness flags, then the two solver flags
+    (tensors, or ``False`` for a solver without them), the losses and the
+    residual.  On a device they go to the host together (one synchronisation),
+    averaged over the ranks under data parallelism; in host memory a single
+    process reads them one by one, which costs less than stacking them.
+    """
+    if comm.group is None and all(not isinstance(c, Tensor) or c.device.type == "cpu" for c in checks):
+        return [float(all(map(bool, checks[:n_grads]))), *map(float, checks[n_grads:])]
+    device = checks[-1].device
+    finite = torch.stack(checks[:n_grads]).all()
+    return comm.agree(torch.stack([torch.as_tensor(c, device=device).to(dtype)
+                                   for c in [finite, *checks[n_grads:]]])).tolist()
 
 
 def _isfinite(v: float) -> bool:

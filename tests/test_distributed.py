@@ -311,8 +311,14 @@ def test_communication_is_counted_per_method(ranks, name):
     info = ranks[0]["replica", name]["info"]
     assert info.comm_bytes == generator_bytes + 8 * ((p + n_phi) + info.hvps * p + n_phi + 6)
     if name in ONE_CALL_PER_HVP_BATCH:
+        calls = ONE_CALL_PER_HVP_BATCH[name]
+        if name == "cg":
+            # H + ρI is indefinite here: CG in host memory returns at the first direction of negative
+            # curvature (all ranks alike: their products are averaged), one product per call until then
+            assert info.negative_curvature and info.hvps - 1 < calls
+            calls = info.hvps - 1
         # + 1 for the residual's HVP
-        assert info.collectives == 4 + ONE_CALL_PER_HVP_BATCH[name] + 1
+        assert info.collectives == 4 + calls + 1
     assert ranks[1]["ddp", name]["info"].comm_bytes == info.comm_bytes
 
 

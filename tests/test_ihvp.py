@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hyperopt_torch import ConjugateGradient, Exact, Identity, Neumann, Nystrom, make_solver
+import hyperopt_torch.ihvp.cg as cg_module
 from hyperopt_torch.ihvp import (
     Solution, cg_solve, exact_solve, identity_solve, neumann_solve, nystrom_solve, run_solver, sample_columns,
 )
@@ -43,6 +44,14 @@ def rel(x, y):
 
 def damped_solve(A, b, rho):
     return torch.linalg.solve(A + rho * torch.eye(A.shape[0], dtype=A.dtype), b)
+
+
+@pytest.fixture(params=["host", "device"])
+def loop(request, monkeypatch):
+    """Run a CG test with both loops: scalars as Python floats (host memory) and as 0-dim tensors (a GPU's)."""
+    if request.param == "device":
+        monkeypatch.setattr(cg_module, "HOST_SCALARS", ())
+    return request.param
 
 
 def gen(seed=0):
@@ -186,7 +195,7 @@ def test_nystrom_same_generator_state_same_answer():
 
 # --- CG, Neumann, identity, exact ---------------------------------------------------------------
 
-def test_cg_is_exact_after_p_steps_on_spd():
+def test_cg_is_exact_after_p_steps_on_spd(loop):
     p = 20
     # b from its own generator: drawn from the global one it depended on the tests run before (with 4 in 300
     # seeds, finite-precision CG is 1.1–1.7e-8 off after exactly p steps).
@@ -197,12 +206,12 @@ def test_cg_is_exact_after_p_steps_on_spd():
     assert rel(x, torch.linalg.solve(A, b)) < 1e-8
 
 
-def test_cg_with_damping_solves_the_damped_system():
+def test_cg_with_damping_solves_the_damped_system(loop):
     A, b = spd(15), torch.randn(15, dtype=DT)
     assert rel(ConjugateGradient(15, rho=0.3).solve(Counted(A), b), damped_solve(A, b, 0.3)) < 1e-8
 
 
-def test_cg_truncated_is_inexact_and_tol_stops_early():
+def test_cg_truncated_is_inexact_and_tol_stops_early(loop):
     A, b = spd(30, cond=1e3), torch.randn(30, dtype=DT)
     assert rel(cg_solve(Counted(A), b, 3).x, torch.linalg.solve(A, b)) > 1e-2
     mv = Counted(spd(30, cond=2.0))
@@ -210,7 +219,7 @@ def test_cg_truncated_is_inexact_and_tol_stops_early():
     assert mv.calls < 30 and ((mv.A @ x - b).norm() / b.norm()) <= 1e-6
 
 
-def test_cg_zero_rhs_gives_zero_not_nan():
+def test_cg_zero_rhs_gives_zero_not_nan(loop):
     x, _, negative = cg_solve(Counted(spd(5)), torch.zeros(5, dtype=DT), 5)
     assert torch.equal(x, torch.zeros(5, dtype=DT)) and not negative
 
@@ -330,6 +339,22 @@ def test_neumann_flags_a_step_above_two_over_lambda_max():
     assert rel(x, torch.linalg.solve(A, b)) > 10
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_neumann_flag_from_the_last_term_equals_the_flag_from_every_term(seed):
+    """‖v_j‖² = Σ c_i² μ_i^{2j} is convex in j, so no middle term exceeds both ends: checking v_l is enough."""
+    g = gen(seed)
+    lam = torch.cat([torch.rand(8, generator=g, dtype=DT) * 10 - 2, torch.tensor([0.0], dtype=DT)])
+    A, b = spectrum(9, lam, seed), torch.randn(9, generator=g, dtype=DT)
+    for alpha in (0.05, 0.19, 0.21, 0.4):
+        for iters in (1, 2, 5, 20):
+            M, v, norms = torch.eye(9, dtype=DT) - alpha * A, b, [b.norm()]
+            for _ in range(iters):
+                v = M @ v
+                norms.append(v.norm())
+            every_term = bool(max(norms[1:]) > (1 + torch.finfo(DT).eps ** 0.5) * norms[0])
+            assert bool(neumann_solve(Counted(A), b, iters, alpha).diverged) == every_term, (alpha, iters)
+
+
 def test_neumann_flags_negative_curvature():
     A = spd(10)
     A[0, 0] = -5.0
@@ -368,25 +393,47 @@ def indefinite(p=20, seed=0):
     return spectrum(lam.numel(), lam, seed)
 
 
-def test_cg_stops_at_the_first_non_positive_curvature_and_flags_it():
+def test_cg_stops_at_the_first_non_positive_curvature_and_flags_it(loop):
     A = indefinite()
     b = torch.randn(A.shape[0], generator=gen(6), dtype=DT)
-    x, _, negative = cg_solve(Counted(A), b, 30)
+    mv = Counted(A)
+    x, _, negative = cg_solve(mv, b, 30)
     assert bool(negative)
     # The last iterate before the stop: more iterations change nothing, and it is the
     # minimiser over the positive-curvature Krylov directions, so bᵀx > 0 (a descent direction).
     assert torch.equal(x, cg_solve(Counted(A), b, 60).x)
     j = next(j for j in range(1, 30) if bool(cg_solve(Counted(A), b, j).negative_curvature))
     assert torch.equal(x, cg_solve(Counted(A), b, j - 1).x) and b @ x > 0
+    # the host loop returns there; the device loop masks the remaining iterations (no synchronisation)
+    assert mv.calls == (j if loop == "host" else 30)
 
 
-def test_cg_with_negative_curvature_at_the_first_step_returns_b():
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+# well conditioned: after many iterations on cond 1e3 both loops sit ~1e-4 from x*, at different points
+@pytest.mark.parametrize("A", [spd(25, cond=10.0), spd(25, cond=10.0) - 2.0 * torch.eye(25, dtype=DT),
+                               torch.diag(torch.tensor([2.0, 1.0, 0.0, 0.0], dtype=DT))],
+                         ids=["spd", "indefinite", "semidefinite"])
+def test_cg_host_and_device_loops_agree(monkeypatch, A, dtype, tol):
+    """Python-float scalars (float64) and 0-dim tensors (the model's dtype) give the same iterates to rounding."""
+    A = A.to(dtype)
+    b = A @ torch.randn(A.shape[0], generator=gen(3), dtype=dtype)  # in A's range: the semi-definite system has a solution
+    for iters, rho in [(3, 0.0), (10, 0.0), (10, 0.5)]:  # (past convergence, both add up rounding noise)
+        host = cg_solve(lambda V: V @ A, b, iters, rho)
+        monkeypatch.setattr(cg_module, "HOST_SCALARS", ())
+        device = cg_solve(lambda V: V @ A, b, iters, rho)
+        monkeypatch.undo()
+        assert bool(host.negative_curvature) == bool(device.negative_curvature)
+        assert host.x.dtype == device.x.dtype == dtype
+        assert rel(host.x, device.x) < tol, (iters, rho)
+
+
+def test_cg_with_negative_curvature_at_the_first_step_returns_b(loop):
     b = torch.randn(8, dtype=DT)
     x, _, negative = cg_solve(Counted(-spd(8)), b, 5)
     assert bool(negative) and torch.equal(x, b)
 
 
-def test_cg_on_spd_is_never_flagged_and_damping_can_make_it_spd():
+def test_cg_on_spd_is_never_flagged_and_damping_can_make_it_spd(loop):
     b = torch.randn(20, dtype=DT)
     assert not bool(cg_solve(Counted(spd(20, cond=1e3)), b, 40).negative_curvature)
     A = indefinite()
@@ -407,6 +454,7 @@ def test_cg_and_neumann_loops_never_synchronise(monkeypatch):
             raise AssertionError(f"host synchronisation: Tensor.{name}")
         return method
 
+    monkeypatch.setattr(cg_module, "HOST_SCALARS", ())  # the loop a GPU runs, here on the CPU
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, refuse(name))
     cg = cg_solve(Counted(A), b, 30)
@@ -517,7 +565,7 @@ def test_cg_negative_curvature_is_reported_warned_and_applied():
     assert not info.negative_curvature
 
 
-def test_cg_is_not_flagged_when_a_converged_residual_underflows():
+def test_cg_is_not_flagged_when_a_converged_residual_underflows(loop):
     """float32: a residual of 3e-21 on H = 1e-3·I gives dᵀHd = 0 by underflow, not negative curvature."""
     A = 1e-3 * torch.eye(4)
     solution = cg_solve(lambda V: V @ A, torch.full((4,), 3e-21), iters=3)

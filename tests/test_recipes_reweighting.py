@@ -147,7 +147,8 @@ def test_cifar10_pickles_end_to_end_writes_metrics_plots_and_weight_curves(tmp_p
 def test_mnist_idx_files_run_long_tailed_with_cg_and_as_baseline(tmp_path, data_root):
     flags = ["--dataset", "mnist", "--data-root", str(data_root), "--outer-steps", "2", *TINY]
     cg = reweighting.main([*flags, "--ihvp", "cg", "--label-noise", "0.4", "--out", str(tmp_path / "cg")])
-    assert cg["method"] == "cg" and cg["curves"]["hvps"] == [3, 3]
+    # at most 3 products per step: CG stops at a direction of negative curvature (an untrained net's H)
+    assert cg["method"] == "cg" and len(cg["curves"]["hvps"]) == 2 and all(1 <= h <= 3 for h in cg["curves"]["hvps"])
     assert 0.15 < cg["final"]["label_noise_actual"] < 0.55  # 40 % redrawn, 9/10 of them to another class
     base = reweighting.main([*flags, "--baseline", "--out", str(tmp_path / "base")])
     assert base["method"] == "baseline" and base["curves"]["hvps"] == [0, 0] and base["weight_curves"] == []
