@@ -76,25 +76,35 @@ def require_graph(loss: Tensor, name: str) -> Tensor:
     raise ValueError(f"{name} returned a tensor with no autograd graph to the model parameters; {cause}")
 
 
-def check_model(model: nn.Module) -> list[Tensor]:
+def check_model(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> list[Tensor]:
     """The model's parameters with ``requires_grad``; ``ValueError`` for none, or for a sparse-gradient embedding.
 
     ``nn.Embedding(sparse=True)`` / ``nn.EmbeddingBag(sparse=True)`` produce
     sparse gradients, which autograd cannot differentiate a second time, so no
-    Hessian-vector product exists for them.
+    Hessian-vector product exists for them.  ``modules``, if given, is
+    ``list(model.modules())`` already walked by the caller.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no parameters with requires_grad=True: there is no inner problem to differentiate")
-    for module in model.modules():  # named_modules() only on failure: building the names costs more than the check
+    # One pass over the modules, in model.parameters() order (each tensor once), reading the registries
+    # directly: on a small model the generator behind parameters() and named_modules() costs more than
+    # the hypergradient's own bookkeeping.  Names are built only for the error message.
+    seen: set[int] = set()
+    params = []
+    for module in model.modules() if modules is None else modules:
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and module.weight.requires_grad:
             name = next(n for n, m in model.named_modules() if m is module)
             raise ValueError(
                 f"model.{name or '<root>'} is an {type(module).__name__}(sparse=True): its sparse gradients cannot be "
                 "differentiated a second time, which Hessian-vector products need; construct it with sparse=False"
             )
+        for p in module._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                if p.requires_grad:
+                    params.append(p)
+    if not params:
+        raise ValueError("model has no parameters with requires_grad=True: there is no inner problem to differentiate")
     return params
 
 

@@ -8,6 +8,27 @@ import torch
 from torch import Tensor, nn
 
 
+def modules_of(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())``, the same modules in the same order, without building their names.
+
+    ``Module.modules()`` runs ``named_modules()``, which formats a dotted name per
+    module; a hypergradient step walks the tree twice (checks, snapshot) and on a
+    small model that walk costs more than the snapshot's copies.
+    """
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(module: nn.Module) -> None:
+        seen.add(id(module))
+        out.append(module)
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                visit(child)
+
+    visit(model)
+    return out
+
+
 class ModelSnapshot:
     """Everything of a model that user loss functions can change, put back by :meth:`restore`.
 
@@ -28,8 +49,9 @@ class ModelSnapshot:
       ``.grad`` objects back.
     """
 
-    def __init__(self, model: nn.Module, params: Sequence[Tensor], extra: Sequence[Tensor] = ()):
-        modules = list(model.modules())
+    def __init__(self, model: nn.Module, params: Sequence[Tensor], extra: Sequence[Tensor] = (),
+                 modules: Sequence[nn.Module] | None = None):
+        modules = modules_of(model) if modules is None else modules
         self.modes = [(m, m.training) for m in modules]
         # (module, attribute name, tensor object).  Version counters cannot tell what changed:
         # BatchNorm's kernel and writes through .data update values without bumping them.  The

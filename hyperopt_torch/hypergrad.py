@@ -11,6 +11,7 @@ product ``∂/∂φ ⟨∇_θ f, x⟩`` through the same gradient graph the HVPs
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_hparams, check_model, check_scalar, require_graph
-from ._model import ModelSnapshot
+from ._model import ModelSnapshot, modules_of
 from .distributed import data_parallel
 from .hvp import ENGINES, flatten, training_hvp
 from .ihvp import Solver, make_solver, run_solver
@@ -168,7 +169,10 @@ def implicit_hypergradient(
         raise ValueError(f"Invalid engine: {engine!r} (expected one of {ENGINES})")
     solver = make_solver(ihvp) if isinstance(ihvp, str) else ihvp
     model, comm = data_parallel(model)
-    params = check_model(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    modules = modules_of(model)
+    params = check_model(model, modules)
     if comm.group is not None and getattr(solver, "chunk", None) == "auto":
         # Each rank would size κ by its own free memory; a different κ means a different
         # number of (collective) HVP calls, and the ranks would deadlock.
@@ -184,7 +188,7 @@ def implicit_hypergradient(
             raise ValueError(f"hparams[{i}] is also a parameter of the model: an inner parameter cannot be its own hyperparameter")
 
     start = time.perf_counter()
-    snapshot = ModelSnapshot(model, params, hparams)
+    snapshot = ModelSnapshot(model, params, hparams, modules)
     calls = 0
 
     def train_fn(m: nn.Module) -> Tensor:
@@ -237,11 +241,12 @@ def implicit_hypergradient(
                     )
             mixed = comm.average(mixed, hparams)
             grads = tuple(_combine(d, m, h) for d, m, h in zip(direct[len(params):], mixed, hparams))
-            checks = [torch.isfinite(g).all() for g in grads]
+            checks = _peaks(grads)
+            n_flags = len(checks)
             checks += [f if f is not None else False for f in (diverged, negative)]
             checks += [train.detach(), val.detach(), *([] if res is None else [res.detach()])]
             # the one sync; under data parallelism averaged over the ranks, so every rank decides alike
-            finite, diverged, negative, train_value, val_value, *rest = _fetch(checks, len(grads), comm, val.dtype)
+            finite, diverged, negative, train_value, val_value, *rest = _fetch(checks, n_flags, comm, val.dtype)
     finally:
         snapshot.close()
 
@@ -278,21 +283,34 @@ def _combine(direct: Tensor | None, mixed: Tensor | None, hparam: Tensor) -> Ten
     return direct.detach() if mixed is None else direct.detach() - mixed.detach()
 
 
-def _fetch(checks: list, n_grads: int, comm, dtype: torch.dtype) -> list[float]:
+def _peaks(grads: Sequence[Tensor]) -> list[Tensor]:
+    """``max |g|`` of every non-empty tensor of ``grads``, as 0-dim tensors: all finite iff every entry is.
+
+    A NaN entry makes the maximum NaN and an infinite one makes it infinite,
+    while no finite entries can overflow it (unlike a sum).  One fused kernel
+    (``_foreach_norm`` with ``ord=inf``), where ``isfinite(g).all()`` costs
+    several per tensor.
+    """
+    live = [g for g in grads if g.numel()]
+    return list(torch._foreach_norm(live, float("inf"))) if live else []
+
+
+def _fetch(checks: list, n_flags: int, comm, dtype: torch.dtype) -> list[float]:
     """Read the step's checks on the host: ``[all grads finite, diverged, negative, f, g, (residual)]`` as floats.
 
-    ``checks`` holds ``n_grads`` finiteness flags, then the two solver flags
+    ``checks`` holds ``n_flags`` peaks of the hypergradient (:func:`_peaks`), then the two solver flags
     (tensors, or ``False`` for a solver without them), the losses and the
     residual.  On a device they go to the host together (one synchronisation),
     averaged over the ranks under data parallelism; in host memory a single
     process reads them one by one, which costs less than stacking them.
     """
     if comm.group is None and all(not isinstance(c, Tensor) or c.device.type == "cpu" for c in checks):
-        return [float(all(map(bool, checks[:n_grads]))), *map(float, checks[n_grads:])]
+        return [float(all(math.isfinite(float(c)) for c in checks[:n_flags])), *map(float, checks[n_flags:])]
     device = checks[-1].device
-    finite = torch.stack(checks[:n_grads]).all()
+    finite = torch.stack([torch.isfinite(c) for c in checks[:n_flags]]
+                         or [torch.ones((), dtype=torch.bool, device=device)]).all()
     return comm.agree(torch.stack([torch.as_tensor(c, device=device).to(dtype)
-                                   for c in [finite, *checks[n_grads:]]])).tolist()
+                                   for c in [finite, *checks[n_flags:]]])).tolist()
 
 
 def _isfinite(v: float) -> bool:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from hyperopt_torch import ConjugateGradient, Exact, Identity, Neumann, Nystrom, implicit_hypergradient
+from hyperopt_torch._model import modules_of
 
 DT = torch.float64
 
@@ -175,6 +176,33 @@ def test_non_finite_result_is_flagged(ridge):
     train = lambda m: ridge.train_loss(m) * torch.tensor(float("nan"), dtype=DT) ** (phi.sum() * 0 + 1)
     (g,), info = implicit_hypergradient([phi], train, ridge.val_loss, ridge.model, Identity())
     assert info.skipped and not torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("entry, skipped", [(float("inf"), True), (float("-inf"), True), (float("nan"), True),
+                                            (3e38, False)])
+def test_one_non_finite_entry_of_one_of_several_hparams_skips_and_huge_finite_ones_do_not(entry, skipped):
+    """float32, four hparams (one empty): the check is a max |g| per tensor, which a sum of huge entries would overflow."""
+    model = nn.Linear(3, 1)
+    hparams = [torch.zeros(3, requires_grad=True), torch.zeros(1, requires_grad=True),
+               torch.zeros(0, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    scale = torch.tensor([1.0, entry])
+
+    def train(m):
+        return ((m.weight - hparams[0]) ** 2).sum() + ((m.bias - hparams[1]) ** 2).sum() + hparams[2].sum() * m.bias.sum()
+
+    def val(m):  # hparams[3] enters g alone, its hypergradient ∂g/∂φ carries `entry` (twice for 3e38: finite)
+        return (m.weight ** 2).sum() + (scale * hparams[3]).sum()
+
+    grads, info = implicit_hypergradient(hparams, train, val, model, Identity())
+    assert info.skipped is skipped and grads[2].shape == (0,)
+    torch.testing.assert_close(grads[3], scale, rtol=0, atol=0, equal_nan=True)
+
+
+def test_modules_of_walks_the_tree_like_modules():
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared, nn.Identity()), nn.ModuleList([nn.Tanh()]))
+    model.add_module("empty", None)
+    assert modules_of(model) == list(model.modules())
 
 
 # --- bad input ------------------------------------------------------------------------------------
