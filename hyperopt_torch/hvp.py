@@ -69,7 +69,10 @@ def flatten(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
 def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Split ``vec`` of shape ``(..., p)`` into views shaped ``(..., *t.shape)`` for each ``t`` in ``like``."""
     lead = vec.shape[:-1]
-    pieces = torch.split(vec, [t.numel() for t in like], dim=-1)
+    if len(like) == 1:
+        return [vec.reshape(*lead, *like[0].shape)]
+    # torch.split_with_sizes, not torch.split: the latter's Python wrapper costs ~10 µs per call
+    pieces = torch.split_with_sizes(vec, [t.numel() for t in like], dim=-1)
     return [piece.reshape(*lead, *t.shape) for piece, t in zip(pieces, like)]
 
 
@@ -198,7 +201,7 @@ class HessianVectorProduct:
     def _single(self, v: Tensor) -> Tensor:
         """``v H`` for one vector ``v`` of shape ``(p,)``: one torch.cat, cheaper than a loop of copies."""
         if len(self._sizes) == 1:
-            hv = self._backward([v.reshape(self._shapes[0])], False, None)[0]
+            hv = self._backward(self._pieces(v), False, None)[0]
             if hv is None:
                 return v.new_zeros(self.numel)
             # A product can alias its input (e.g. H = I passes v through): then, and only then, copy it.
@@ -211,6 +214,8 @@ class HessianVectorProduct:
     def _pieces(self, v: Tensor) -> list[Tensor]:
         # torch.split_with_sizes, not Tensor.split: the latter's Python wrapper costs ~10 µs per call
         lead = v.shape[:-1]
+        if len(self._sizes) == 1:
+            return [v.reshape(*lead, *self._shapes[0])]
         return [piece.reshape(*lead, *shape)
                 for piece, shape in zip(torch.split_with_sizes(v, self._sizes, dim=-1), self._shapes)]
 
@@ -237,7 +242,7 @@ class HessianVectorProduct:
         live = [i for i, g in enumerate(self.grads) if g is not None and g.requires_grad]
         if not live:
             return tuple(None for _ in hparams)
-        pieces = unflatten(x, self.params)
+        pieces = self._pieces(x)
         return torch.autograd.grad(
             [self.grads[i] for i in live], list(hparams), grad_outputs=[pieces[i] for i in live], allow_unused=True
         )

@@ -211,7 +211,9 @@ def implicit_hypergradient(
             # The training loss sees the model as found, whatever val_loss_fn did to it
             # (model.eval() is common; BatchNorm in training mode updates buffers; a clamp_).
             snapshot.restore()
-            b = flatten(direct[: len(params)], params).detach()
+            # a view of a fresh gradient when there is one parameter (the solvers never write into b)
+            b = (direct[0].reshape(-1) if len(params) == 1 and direct[0] is not None
+                 else flatten(direct[: len(params)], params)).detach()
             hvp, train = training_hvp(train_fn, model, params, engine)
             matvec = comm.matvec(hvp)
 

@@ -463,6 +463,16 @@ def test_cg_and_neumann_loops_never_synchronise(monkeypatch):
     assert not calls and bool(cg.negative_curvature) and bool(neumann.diverged)
 
 
+@pytest.mark.parametrize("solver", [Nystrom(rank=4, rho=0.1), Nystrom(rank=4, chunk=2, sketch="gaussian"),
+                                    ConjugateGradient(6), ConjugateGradient(6, rho=0.1, tol=1e-3), Neumann(6, 0.1),
+                                    Identity(), Exact(rho=0.1)], ids=repr)
+def test_no_solver_writes_into_b(loop, solver):
+    A, b = indefinite(), torch.randn(indefinite().shape[0], generator=gen(2), dtype=DT)
+    before = b.clone()
+    x = run_solver(solver, Counted(A), b, gen(0)).x
+    assert torch.equal(b, before) and x.data_ptr() != b.data_ptr()
+
+
 # --- validation -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(

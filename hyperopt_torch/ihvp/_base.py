@@ -42,7 +42,8 @@ class Solver(Protocol):
     """What :func:`~hyperopt_torch.implicit_hypergradient` needs of a solver.
 
     ``solve`` returns ``x``, a tensor shaped like ``b``; it is called under
-    ``torch.no_grad()``.  To signal a failure, return a non-finite ``x`` (or
+    ``torch.no_grad()`` and must not write into ``b`` (which may be a view of
+    a gradient the caller still holds).  To signal a failure, return a non-finite ``x`` (or
     raise ``torch.linalg.LinAlgError``): the step is then skipped.  A solver
     that checks its own convergence may also define
     ``solve_with_flags(matvec, b, generator=None) -> Solution``, which
