@@ -25,6 +25,11 @@ The peers, called through their own hypergradient functions (never copied here):
 
 Every peer runs exactly ``l`` iterations (torchopt's ``rtol`` is set to 0 so
 that its CG does not stop early; hypertorch's default ``tol = 1e-10`` is kept).
+Ours runs ``l`` too, except that our CG returns at the first direction of
+negative curvature (truncated Newton, see :mod:`hyperopt_torch.ihvp.cg`): on
+an indefinite Hessian (the ``mlp`` problem) it spends fewer products, and its
+answer differs from the peers' (which step along that direction); the table's
+"our HVPs" column says how many it spent.
 Each method's hypergradient is compared with ours (relative difference):
 betty's CG updates its search direction from the previous residual, and
 hypertorch's fixed point sums ``l`` terms to our ``l + 1``, so those two differ
@@ -130,8 +135,9 @@ def ours(problem: Problem, solver: str, iters: int) -> Callable[[], list[Tensor]
     method = ConjugateGradient(iters=iters) if solver == "cg" else Neumann(iters=iters, alpha=ALPHA)
 
     def call():
-        return list(implicit_hypergradient(problem.hparams, problem.train_loss, problem.val_loss, problem.model,
-                                           method).grads)
+        result = implicit_hypergradient(problem.hparams, problem.train_loss, problem.val_loss, problem.model, method)
+        call.info = result.info  # HVPs spent: CG returns at negative curvature on the CPU
+        return list(result.grads)
 
     return call
 
@@ -238,7 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
             reference = fns["ours"]()
             difference = {peer: relative_difference(fn(), reference) for peer, fn in fns.items()}
             times = time_process(fns, args.warmup, args.repeats)
-            row = {"problem": name, "p": problem.numel, "solver": solver, "iters": args.iters, "methods": {}}
+            info = fns["ours"].info
+            row = {"problem": name, "p": problem.numel, "solver": solver, "iters": args.iters, "methods": {},
+                   "ours_hvps": info.hvps, "ours_negative_curvature": info.negative_curvature}
             for method, seconds in times.items():
                 q = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
                 row["methods"][method] = {**common.summarise(seconds), "seconds_q1": q[0], "seconds_q3": q[2],
@@ -276,10 +284,11 @@ def table_row(row: dict) -> str:
 def markdown_table(data: dict) -> str:
     """One line per problem and solver: median ms (interquartile range) per method, and ours / fastest peer."""
     methods = ["ours", *data["peers"]]
-    head = "| problem | p | solver | " + " | ".join(f"{m} ms" for m in methods) + " | ours / fastest peer |"
+    head = "| problem | p | solver | our HVPs | " + " | ".join(f"{m} ms" for m in methods) + " | ours / fastest peer |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in data["rows"]:
-        cells = [r["problem"], str(r["p"]), f"{r['solver']} l={r['iters']}"]
+        cells = [r["problem"], str(r["p"]), f"{r['solver']} l={r['iters']}",
+                 f"{r['ours_hvps']}" + (" (negative curvature)" if r["ours_negative_curvature"] else "")]
         for m in methods:
             v = r["methods"][m]
             cells.append(f"{1e3 * v['seconds_median']:.2f} ({1e3 * v['seconds_q1']:.2f}–{1e3 * v['seconds_q3']:.2f})")

@@ -143,8 +143,10 @@ def test_peers_times_ours_and_installed_peers_and_compares_their_results(tmp_pat
         assert set(row["methods"]) == {"ours", "fake"} and row["fastest_peer"] == "fake"
         assert row["methods"]["fake"]["relative_difference_to_ours"] == 0
         assert row["ours_over_fastest_peer"] > 0 and len(row["methods"]["ours"]["seconds_all"]) == 2
+        # ridge is convex: both products spent; Neumann never stops early
+        assert row["ours_hvps"] == 2 or (row["solver"] == "cg" and row["ours_negative_curvature"])
     assert saved["missing_peers"] == ["betty", "hypertorch", "torchopt"]
-    assert "| ridge | 200 | cg l=2 |" in peers.markdown_table(data)
+    assert "| ridge | 200 | cg l=2 | 2 |" in peers.markdown_table(data)
 
 
 def test_peers_rejects_unknown_problems(tmp_path):
