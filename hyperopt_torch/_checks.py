@@ -38,7 +38,8 @@ def check_scalar(loss, name: str) -> Tensor:
         raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
         raise ValueError(f"{name} must return a scalar tensor, got shape {tuple(loss.shape)}")
-    return loss.reshape(())
+    # a 0-dim loss as it is: a reshape would add a view node that every backward then traverses
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 

@@ -211,9 +211,10 @@ def implicit_hypergradient(
             # The training loss sees the model as found, whatever val_loss_fn did to it
             # (model.eval() is common; BatchNorm in training mode updates buffers; a clamp_).
             snapshot.restore()
-            # a view of a fresh gradient when there is one parameter (the solvers never write into b)
+            # A view of a fresh gradient when there is one parameter (the solvers never write into b).
+            # No detach: a gradient taken without create_graph carries no graph.
             b = (direct[0].reshape(-1) if len(params) == 1 and direct[0] is not None
-                 else flatten(direct[: len(params)], params)).detach()
+                 else flatten(direct[: len(params)], params))
             hvp, train = training_hvp(train_fn, model, params, engine)
             matvec = comm.matvec(hvp)
 
@@ -246,7 +247,7 @@ def implicit_hypergradient(
             checks = _peaks(grads)
             n_flags = len(checks)
             checks += [f if f is not None else False for f in (diverged, negative)]
-            checks += [train.detach(), val.detach(), *([] if res is None else [res.detach()])]
+            checks += [train, val, *([] if res is None else [res])]
             # the one sync; under data parallelism averaged over the ranks, so every rank decides alike
             finite, diverged, negative, train_value, val_value, *rest = _fetch(checks, n_flags, comm, val.dtype)
     finally:
@@ -282,7 +283,8 @@ def _combine(direct: Tensor | None, mixed: Tensor | None, hparam: Tensor) -> Ten
     """``∂g/∂φ − (∂²f/∂φ∂θ) x`` for one hparam, either term possibly absent."""
     if direct is None:
         return torch.neg(mixed) if mixed is not None else torch.zeros_like(hparam)
-    return direct.detach() if mixed is None else direct.detach() - mixed.detach()
+    # Neither carries a graph (both come from autograd.grad without create_graph): no detach needed.
+    return direct if mixed is None else direct - mixed
 
 
 def _peaks(grads: Sequence[Tensor]) -> list[Tensor]:
@@ -311,8 +313,9 @@ def _fetch(checks: list, n_flags: int, comm, dtype: torch.dtype) -> list[float]:
     device = checks[-1].device
     finite = torch.stack([torch.isfinite(c) for c in checks[:n_flags]]
                          or [torch.ones((), dtype=torch.bool, device=device)]).all()
-    return comm.agree(torch.stack([torch.as_tensor(c, device=device).to(dtype)
-                                   for c in [finite, *checks[n_flags:]]])).tolist()
+    with torch.no_grad():  # the losses still carry their graphs
+        return comm.agree(torch.stack([torch.as_tensor(c, device=device).to(dtype)
+                                       for c in [finite, *checks[n_flags:]]])).tolist()
 
 
 def _isfinite(v: float) -> bool:
