@@ -90,6 +90,7 @@ class Collectives:
             self._all_reduce_mean(out)
             return out
 
+        averaged.collective = True  # solvers must not branch on local values around it (see ihvp.cg)
         return averaged
 
     def agree(self, checks: Tensor) -> Tensor:

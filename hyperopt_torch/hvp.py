@@ -204,10 +204,11 @@ class HessianVectorProduct:
             hv = self._backward(self._pieces(v), False, None)[0]
             if hv is None:
                 return v.new_zeros(self.numel)
-            # A product can alias its input (e.g. H = I passes v through): then, and only then, copy it.
-            if hv.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
-                return hv.reshape(-1).clone()
-            return hv.reshape(-1)
+            # Copy only a product that aliases its input (H = I passes v through) or is not dense
+            # (autograd may return an expanded tensor, e.g. for H = 11ᵀ): the caller may write into it.
+            if hv.is_contiguous() and hv.untyped_storage().data_ptr() != v.untyped_storage().data_ptr():
+                return hv.view(-1)
+            return torch.cat([hv.reshape(-1)])
         hv = self._backward(self._pieces(v), False, None)
         return torch.cat([(h if h is not None else v.new_zeros(n)).reshape(-1) for h, n in zip(hv, self._sizes)])
 

@@ -247,7 +247,7 @@ def implicit_hypergradient(
             checks = _peaks(grads)
             n_flags = len(checks)
             checks += [f if f is not None else False for f in (diverged, negative)]
-            checks += [train, val, *([] if res is None else [res])]
+            checks += [train.detach(), val.detach(), *([] if res is None else [res])]
             # the one sync; under data parallelism averaged over the ranks, so every rank decides alike
             finite, diverged, negative, train_value, val_value, *rest = _fetch(checks, n_flags, comm, val.dtype)
     finally:
@@ -281,10 +281,14 @@ def implicit_hypergradient(
 
 def _combine(direct: Tensor | None, mixed: Tensor | None, hparam: Tensor) -> Tensor:
     """``∂g/∂φ − (∂²f/∂φ∂θ) x`` for one hparam, either term possibly absent."""
+    # Neither carries a graph (both come from autograd.grad without create_graph): no detach needed.
+    # Always a fresh dense tensor: autograd may return an expanded gradient (stride 0, for φ that
+    # enters g as φ.sum()), which an in-place write (clip_grad_norm_) refuses.
     if direct is None:
         return torch.neg(mixed) if mixed is not None else torch.zeros_like(hparam)
-    # Neither carries a graph (both come from autograd.grad without create_graph): no detach needed.
-    return direct if mixed is None else direct - mixed
+    if mixed is None:
+        return direct.clone(memory_format=torch.contiguous_format)
+    return direct - mixed
 
 
 def _peaks(grads: Sequence[Tensor]) -> list[Tensor]:
@@ -313,9 +317,11 @@ def _fetch(checks: list, n_flags: int, comm, dtype: torch.dtype) -> list[float]:
     device = checks[-1].device
     finite = torch.stack([torch.isfinite(c) for c in checks[:n_flags]]
                          or [torch.ones((), dtype=torch.bool, device=device)]).all()
-    with torch.no_grad():  # the losses still carry their graphs
-        return comm.agree(torch.stack([torch.as_tensor(c, device=device).to(dtype)
-                                       for c in [finite, *checks[n_flags:]]])).tolist()
+    # A solver without a flag gives False: filled on the device (as_tensor would copy from the host,
+    # which synchronises).
+    values = [c.to(dtype) if isinstance(c, Tensor) else torch.full((), float(c), dtype=dtype, device=device)
+              for c in [finite, *checks[n_flags:]]]
+    return comm.agree(torch.stack(values)).tolist()
 
 
 def _isfinite(v: float) -> bool:

@@ -198,6 +198,36 @@ def test_one_non_finite_entry_of_one_of_several_hparams_skips_and_huge_finite_on
     torch.testing.assert_close(grads[3], scale, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("solver", [Identity(), ConjugateGradient(3), Neumann(3), Nystrom(rank=2)], ids=repr)
+def test_hypergradients_are_dense_fresh_tensors_and_a_cpu_step_warns_nothing(ridge, solver):
+    """φ entering g as a sum gets an expanded (stride-0) gradient from autograd: the result must still take
+    in-place writes (clip_grad_norm_); and no warning (a loss read as a float with its graph) on any step."""
+    psi = torch.zeros(4, dtype=DT, requires_grad=True)
+    val = lambda m: ridge.val_loss(m) + psi.sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads, info = implicit_hypergradient([ridge.phi, psi], ridge.train_loss, val, ridge.model, solver)
+    for g in grads:
+        assert g.is_contiguous() and 0 not in g.stride()
+    torch.nn.utils.clip_grad_norm_([torch.zeros_like(g).requires_grad_() for g in grads], 1.0)  # smoke
+    grads[1].mul_(0.5)  # an in-place write into the returned hypergradient
+    assert torch.equal(grads[1], torch.full((4,), 0.5, dtype=DT))
+
+
+def test_hvp_products_are_dense_and_writable_even_when_autograd_expands_them():
+    """H = 11ᵀ (f = ½(Σw)²): autograd's product is an expanded tensor; the matvec returns a dense copy."""
+    from hyperopt_torch.hvp import training_hvp
+    model = nn.Linear(5, 1, bias=False).to(DT)
+    params = list(model.parameters())
+    hvp, _ = training_hvp(lambda m: 0.5 * m.weight.sum() ** 2, model, params, engine="autograd")
+    v = torch.arange(5, dtype=DT)
+    out = hvp(v)
+    assert out.is_contiguous() and out.stride() == (1,)
+    out.add_(1.0)
+    torch.testing.assert_close(out, torch.full((5,), 11.0, dtype=DT))
+    assert torch.equal(v, torch.arange(5, dtype=DT))
+
+
 def test_modules_of_walks_the_tree_like_modules():
     shared = nn.Linear(2, 2)
     model = nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared, nn.Identity()), nn.ModuleList([nn.Tanh()]))

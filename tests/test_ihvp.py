@@ -463,6 +463,28 @@ def test_cg_and_neumann_loops_never_synchronise(monkeypatch):
     assert not calls and bool(cg.negative_curvature) and bool(neumann.diverged)
 
 
+def test_data_parallel_matvec_keeps_the_masked_cg_loop():
+    """A `collective` matvec (an all-reduce inside): no return that depends on locally computed values."""
+    A = indefinite()
+    b = torch.randn(A.shape[0], generator=gen(6), dtype=DT)
+    mv = Counted(A)
+    collective = lambda V: mv(V)
+    collective.collective = True
+    solution = cg_solve(collective, b, 30)
+    assert bool(solution.negative_curvature) and mv.calls == 30
+    torch.testing.assert_close(solution.x, cg_solve(Counted(A), b, 30).x, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("loop_kind", ["host", "device"])
+def test_cg_step_beyond_float32_range_is_skipped_not_an_error(monkeypatch, loop_kind):
+    """H = diag(1, 1e-39) in float32: rs/curvature overflows float32; both loops give a non-finite x."""
+    if loop_kind == "device":
+        monkeypatch.setattr(cg_module, "HOST_SCALARS", ())
+    A = torch.diag(torch.tensor([1.0, 1e-39]))
+    x = cg_solve(lambda V: V @ A, torch.tensor([0.0, 1e5]), 3).x
+    assert not torch.isfinite(x).all()
+
+
 @pytest.mark.parametrize("solver", [Nystrom(rank=4, rho=0.1), Nystrom(rank=4, chunk=2, sketch="gaussian"),
                                     ConjugateGradient(6), ConjugateGradient(6, rho=0.1, tol=1e-3), Neumann(6, 0.1),
                                     Identity(), Exact(rho=0.1)], ids=repr)

@@ -17,8 +17,9 @@ curvature; if the very first direction has negative curvature it returns
 ``b`` (the identity approximation ``H⁻¹ ≈ I``).  A curvature of exactly zero
 (a null-space direction of a semi-definite ``H + ρI``, or a product that
 underflowed near convergence) takes no step and is not flagged: it is no
-evidence that ``H`` is indefinite.  The stop is a device-side
-mask on the updates, not a Python ``break``, and the flag is reported in
+evidence that ``H`` is indefinite.  On a GPU the stop is a device-side
+mask on the updates, not a Python ``break`` (in host memory it is a return,
+see below), and the flag is reported in
 :class:`~hyperopt_torch.ihvp.Solution`; :func:`~hyperopt_torch.implicit_hypergradient`
 reads it with its one host synchronisation and warns.  Consequence: on an
 indefinite ``H``, CG no longer converges to ``H⁻¹b`` with many iterations;
@@ -69,8 +70,11 @@ def cg_solve(matvec: Matvec, b: Tensor, iters: int, rho: float = 0.0, tol: float
     Returns :class:`~hyperopt_torch.ihvp.Solution` ``(x, diverged=None, negative_curvature)``.
     """
     out_dtype = b.dtype
+    # A data-parallel matvec (``collective``) keeps the masked loop: ranks must make the same number of
+    # (all-reduced) products, and a value-dependent return would rely on bit-identical local dot products.
+    collective = getattr(matvec, "collective", False)
     matvec, b = working_precision(matvec, b)
-    if b.device.type in HOST_SCALARS:
+    if b.device.type in HOST_SCALARS and not collective:
         return _cg_host(matvec, b, iters, rho, tol, out_dtype)
     x = torch.zeros_like(b)
     r = b.clone()
@@ -120,6 +124,13 @@ def _cg_host(matvec: Matvec, b: Tensor, iters: int, rho: float, tol: float | Non
     rounding.  The loop stops outright at negative curvature (the device loop
     masks the remaining iterations instead), which saves their products.
     """
+    fmax = torch.finfo(b.dtype).max
+
+    def scalar(value: float) -> float:
+        # A float64 step beyond b's range is ±inf, as the device loop's division in b's dtype gives
+        # (then x is non-finite and the step is skipped), not an error when it is used as `alpha`.
+        return math.copysign(math.inf, value) if abs(value) > fmax else value
+
     x = torch.zeros_like(b)
     r = b.clone()
     d = b.clone()
@@ -134,13 +145,13 @@ def _cg_host(matvec: Matvec, b: Tensor, iters: int, rho: float, tol: float | Non
             x = b.clone() if j == 0 else x
             return Solution(x.to(out_dtype), negative_curvature=torch.ones((), dtype=torch.bool))
         if curvature != 0:  # a zero curvature takes no step and is not flagged (see cg_solve)
-            step = rs / curvature
+            step = scalar(rs / curvature)
             x.add_(d, alpha=step)
             r.add_(Ad, alpha=-step)
         rs_new = r.dot(r).item()
         if stop is not None and math.sqrt(rs_new) <= stop:
             break
-        d = torch.add(r, d, alpha=rs_new / rs if rs != 0 else 0.0)
+        d = torch.add(r, d, alpha=scalar(rs_new / rs) if rs != 0 else 0.0)
         rs = rs_new
     return Solution(x.to(out_dtype), negative_curvature=torch.zeros((), dtype=torch.bool))
 
