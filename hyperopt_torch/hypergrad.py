@@ -55,7 +55,7 @@ class HypergradInfo:
         diverged: the solver's iteration grew (Neumann with ``alpha`` above
             ``2/λ_max`` or on negative curvature); the result was set to NaN
             and ``skipped`` is true.
-        negative_curvature: conjugate gradient met ``dᵀ(H + ρI)d ≤ 0`` and
+        negative_curvature: conjugate gradient met ``dᵀ(H + ρI)d < 0`` and
             stopped there (truncated Newton); the result was applied and a
             ``RuntimeWarning`` issued.
     """
@@ -271,7 +271,7 @@ def implicit_hypergradient(
     )
     if info.negative_curvature:
         warnings.warn(
-            f"{info.solver} met non-positive curvature dᵀ(H + ρI)d ≤ 0 and stopped there (truncated Newton): "
+            f"{info.solver} met negative curvature dᵀ(H + ρI)d < 0 and stopped there (truncated Newton): "
             "the training Hessian is not positive definite at these parameters. The result was applied; raise "
             "rho above the most negative eigenvalue, or train the inner model closer to a minimum.",
             RuntimeWarning, stacklevel=2,

@@ -29,7 +29,7 @@ class Solution(NamedTuple):
         diverged: the iteration grew instead of converging (Neumann: a term of
             the series larger than the first).  :func:`run_solver` turns a
             diverged ``x`` into NaN, so it is skipped like a non-finite one.
-        negative_curvature: conjugate gradient met ``dᵀ(H + ρI)d ≤ 0`` and
+        negative_curvature: conjugate gradient met ``dᵀ(H + ρI)d < 0`` and
             stopped there (see :func:`~hyperopt_torch.ihvp.cg_solve`).
     """
 

@@ -164,7 +164,7 @@ class ConjugateGradient:
         rho: damping ``ρ ≥ 0`` added to the Hessian (0: plain CG).
         tol: optional relative residual ``‖r‖/‖b‖`` at which to stop early.
 
-    Stops at the first direction of non-positive curvature and flags it
+    Stops at the first direction of negative curvature (dᵀ(H + ρI)d < 0) and flags it
     (truncated Newton; see :func:`cg_solve`).
     """
 
