@@ -89,7 +89,7 @@ import torch
 from torch import Tensor
 
 from .._checks import positive_float, positive_int
-from ._base import Matvec, working_precision
+from ._base import Matvec, matvec_inplace, working_precision
 from ._linalg import EPS64, eigh_above_noise
 
 SKETCHES = ("columns", "gaussian")
@@ -123,8 +123,11 @@ def _test_matrix(sketch: str, p: int, k: int, b: Tensor, generator: torch.Genera
 
     Random draws come from ``generator`` (a CPU generator) only, so the
     sketch is the same for every chunk size and reproducible from its state.
-    The column sketch's rows are the only dense ``κ × p`` tensor made here
-    (they are the HVPs' input); its projection is a gather of ``κ`` columns.
+    The rows are the HVPs' input, which the products overwrite
+    (:func:`~hyperopt_torch.ihvp.matvec_inplace`), so ``project`` does not read
+    them: the column sketch's projection is a gather of ``κ`` columns of ``Y``;
+    the Gaussian one regenerates ``Ω``'s rows from their seeds (the same
+    numbers), one ``κ × p`` block alive while it runs.
     """
     if sketch == "columns":
         index = sample_columns(p, k, generator).to(b.device, non_blocking=True)
@@ -144,18 +147,12 @@ def _test_matrix(sketch: str, p: int, k: int, b: Tensor, generator: torch.Genera
 
     def rows(j0: int, j1: int) -> Tensor:
         out = torch.empty(j1 - j0, p, dtype=b.dtype, device=b.device)
-        for i, seed in enumerate(seeds[j0:j1]):
-            g = torch.Generator(device=b.device).manual_seed(seed)
-            out[i] = torch.randn(p, generator=g, dtype=b.dtype, device=b.device)
+        for i, seed in enumerate(seeds[j0:j1]):  # normal_ in place draws what randn(p) would
+            out[i].normal_(generator=torch.Generator(device=b.device).manual_seed(seed))
         return out
 
-    cache: dict[tuple[int, int], Tensor] = {}
-
     def project(j0: int, j1: int, Y: Tensor) -> Tensor:
-        if (j0, j1) not in cache:
-            cache.clear()  # keep at most one block of Ω alive
-            cache[(j0, j1)] = rows(j0, j1)
-        return _gram(cache[(j0, j1)], Y)
+        return _gram(rows(j0, j1), Y)
 
     return rows, project
 
@@ -193,9 +190,15 @@ def nystrom_sketch(
     float64, and ``combine(β)`` returns ``Yᵀβ`` (shape ``(p,)``, dtype of ``b``),
     recomputing column blocks as needed.  ``k = min(rank, p)``.
 
-    Memory: at most two ``κ × p`` blocks of ``Y`` are alive at once (one with
-    ``κ = k``), plus the HVP input block while it is being multiplied; the
-    float64 products are accumulated over slabs of ``p`` (:func:`_gram`).
+    Memory: each block of ``Y`` is computed over its own test rows
+    (:func:`~hyperopt_torch.ihvp.matvec_inplace`), so at most two ``κ × p``
+    blocks are alive at once (one with ``κ = k``), plus the matvec's own
+    products while it runs (one row's with :class:`~hyperopt_torch.hvp.
+    HessianVectorProduct`'s loop strategy, a block's with vmap) and, for the
+    Gaussian sketch, one regenerated block of ``Ω`` while ``W`` is formed.  A
+    matvec without an in-place variant (``lambda V: V @ A``) adds its output
+    block while it runs.  The float64 products are accumulated over slabs of
+    ``p`` (:func:`_gram`).
 
     Data parallelism: the Hessian of a loss averaged over shards is the average
     of the shards' Hessians, so wrapping ``matvec`` to all-reduce (average) its
@@ -211,7 +214,7 @@ def nystrom_sketch(
 
     def column_block(i: int) -> Tensor:
         j0, j1 = blocks[i]
-        return matvec(rows(j0, j1))
+        return matvec_inplace(matvec, rows(j0, j1))  # the rows are not needed once multiplied
 
     W = torch.empty(k, k, dtype=torch.float64, device=b.device)
     G = torch.empty_like(W)
