@@ -220,32 +220,36 @@ def nystrom_sketch(
     G = torch.empty_like(W)
     c = torch.empty(k, dtype=torch.float64, device=b.device)
     b_row = b.reshape(1, p)
-    held = {0: column_block(0)}
-    # Upper triangle of blocks; the first block computed in row a's inner loop
-    # is kept as row a+1's own block, so m(m-1)/2 + 1 block computations in all.
-    for a, (a0, a1) in enumerate(blocks):
-        Ya = held.pop(a)
+    # Every pair of blocks meets once, with one block held (the anchor) and its partners
+    # computed one at a time.  The anchors are 0, m-1, m-2, ..., 1: each row's partners are the
+    # anchors still to come, computed in increasing order, so the last one computed is the
+    # next anchor.  Two blocks alive at once; m(m-1)/2 + 1 block computations.
+    anchors = [0, *range(len(blocks) - 1, 0, -1)]
+    Ya = column_block(0)
+    for t, a in enumerate(anchors):
+        a0, a1 = blocks[a]
         G[a0:a1, a0:a1] = _gram(Ya, Ya)
         W[a0:a1, a0:a1] = project(a0, a1, Ya)
         c[a0:a1] = _gram(Ya, b_row)[:, 0]
-        for bi in range(a + 1, len(blocks)):
+        for bi in reversed(anchors[t + 1 :]):
             b0, b1 = blocks[bi]
             Yb = column_block(bi)
             G[a0:a1, b0:b1] = _gram(Ya, Yb)
             G[b0:b1, a0:a1] = G[a0:a1, b0:b1].T
             W[a0:a1, b0:b1] = project(a0, a1, Yb)
             W[b0:b1, a0:a1] = project(b0, b1, Ya)
-            if bi == a + 1:
-                held[bi] = Yb
-            del Yb  # before the next block is computed
-        if a == len(blocks) - 1:
-            held[a] = Ya  # the last block is reused by combine()
-        del Ya
+            if bi != anchors[t + 1]:
+                del Yb  # before the next partner is computed
+        if t + 1 < len(anchors):
+            Ya = Yb  # the next anchor; the old one is freed here
+    held = {anchors[-1]: Ya}  # the last anchor is reused by combine()
+    del Ya
 
     def combine(beta: Tensor) -> Tensor:
         beta = beta.to(b.dtype)
         out = torch.zeros_like(b)
-        for i in reversed(range(len(blocks))):
+        # The held block first, so that it is freed before any block is recomputed.
+        for i in [*held, *(i for i in range(len(blocks)) if i not in held)]:
             j0, j1 = blocks[i]
             Y = held.pop(i) if i in held else column_block(i)
             out.addmv_(Y.T, beta[j0:j1])
