@@ -19,10 +19,11 @@ the Gram matrix ``G = (HΩ)ᵀ(HΩ)`` and ``c = (HΩ)ᵀ b`` (all ``k × k`` or
 controls how many of the ``k`` columns ``HΩ`` are held at once:
 
 * ``κ = k`` (time-efficient, Eq. 6): one batched backward computes all ``k``
-  columns; ``k`` HVPs, ``O(kp)`` memory.
+  columns; ``k`` HVPs, one ``k × p`` block (the products are written over
+  the test rows they were computed from).
 * ``κ = 1`` (space-efficient, Eq. 8–9) and ``1 < κ < k`` (Algorithm 1): the
   ``m = ⌈k/κ⌉`` column blocks are recomputed as the blockwise Gram matrix
-  needs them; ``κ·m(m+1)/2`` HVPs, ``O(κp)`` memory.
+  needs them; ``κ·m(m+1)/2`` HVPs, two ``κ × p`` blocks.
 
 Algorithm 1's sequential Woodbury updates ``Ĥ ← Ĥ − ĤL(J + LᵀĤL)⁻¹LᵀĤ`` are,
 in exact arithmetic, functions of these same small quantities, so every κ
@@ -379,13 +380,17 @@ def free_memory(device: torch.device) -> int:
 def auto_chunk(matvec: Matvec, b: Tensor, rank: int) -> int:
     """The largest ``κ ≤ min(rank, p)`` whose column blocks fit in ``AUTO_MARGIN`` of the free memory.
 
-    A block of ``κ`` columns holds about three ``κ × p`` tensors at its peak
-    (the HVP input, the products, ``Y``) and, one held block plus one being
-    computed, at most two blocks of ``Y``: ``4·p`` elements per column.  On
-    CUDA the batched backward's own memory per column (activation gradients,
-    dominant on conv nets) is measured with one product through ``matvec``
-    (counted in its HVPs; this resets ``torch.cuda``'s peak-memory statistics)
-    and added; on a CPU it is not measured, which the margin has to cover.
+    The sketch holds at most two ``κ × p`` blocks of ``Y`` (one held, one
+    computed over its own test rows, :func:`nystrom_sketch`), and the batched
+    backward adds its products and temporaries while it runs (about 1.7 more
+    ``p``-vectors per column with vmap on a small MLP, one row's with the
+    loop); the model is ``4·p`` elements per column.  On CUDA the backward's
+    own memory per column (activation gradients, dominant on conv nets) is
+    measured with one product through ``matvec`` (counted in its HVPs; this
+    resets ``torch.cuda``'s peak-memory statistics) and added; on a CPU it is
+    not measured, which the margin has to cover.  A matvec without an
+    in-place variant also holds its output block while it runs, within the
+    same ``4·p``.
 
     Under data parallelism the free memory, hence κ, can differ between ranks,
     and so would the number of all-reduced block products: pass an integer
