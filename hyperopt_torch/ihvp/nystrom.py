@@ -222,10 +222,12 @@ def nystrom_sketch(
     c = torch.empty(k, dtype=torch.float64, device=b.device)
     b_row = b.reshape(1, p)
     # Every pair of blocks meets once, with one block held (the anchor) and its partners
-    # computed one at a time.  The anchors are 0, m-1, m-2, ..., 1: each row's partners are the
-    # anchors still to come, computed in increasing order, so the last one computed is the
-    # next anchor.  Two blocks alive at once; m(m-1)/2 + 1 block computations.
-    anchors = [0, *range(len(blocks) - 1, 0, -1)]
+    # computed one at a time.  Each row's partners are the anchors still to come, computed in
+    # reverse order, so the last one computed is the next anchor: two blocks alive at once,
+    # m(m-1)/2 + 1 block computations.  The anchors are 0, m-2, m-3, ..., 1, m-1: the last
+    # block, the ragged (smallest) one, is a partner in every row and is held for combine().
+    m = len(blocks)
+    anchors = [0, *range(m - 2, 0, -1), m - 1] if m > 1 else [0]
     Ya = column_block(0)
     for t, a in enumerate(anchors):
         a0, a1 = blocks[a]
