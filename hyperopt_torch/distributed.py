@@ -81,7 +81,11 @@ class Collectives:
         t.div_(self.world)
 
     def matvec(self, hvp):
-        """Wrap a batched matvec ``V (B, p) -> (B, p)`` so that it returns the mean over ranks."""
+        """Wrap a batched matvec ``V (B, p) -> (B, p)`` so that it returns the mean over ranks.
+
+        An ``inplace`` variant of ``hvp`` (:func:`~hyperopt_torch.ihvp.matvec_inplace`) is
+        passed on, the mean then reduced in the input block itself.
+        """
         if self.group is None:
             return hvp
 
@@ -91,6 +95,14 @@ class Collectives:
             return out
 
         averaged.collective = True  # solvers must not branch on local values around it (see ihvp.cg)
+        inplace = getattr(hvp, "inplace", None)
+        if inplace is not None:
+            def averaged_inplace(V: Tensor) -> Tensor:
+                out = inplace(V)  # V itself: contiguous, as matvec_inplace requires
+                self._all_reduce_mean(out)
+                return out
+
+            averaged.inplace = averaged_inplace
         return averaged
 
     def agree(self, checks: Tensor) -> Tensor:

@@ -97,10 +97,13 @@ class HessianVectorProduct:
     device) is computed by every candidate, each timed twice after a warm-up
     run, and the one with the smallest time wins (ties: the order above); the
     winner is remembered for the process (:data:`STRATEGY_CACHE`) with its
-    timings, so the choice is deterministic given what was measured.  The
-    results of all strategies agree to rounding; the measuring block returns
-    the last candidate's.  ``strategy`` names the last one used
-    (``"single"`` for one vector).
+    timings, so the choice is deterministic given what was measured; the
+    measuring runs drop their products and the winner then computes the
+    block (results of all strategies agree to rounding).  ``strategy`` names
+    the last one used (``"single"`` for one vector).
+
+    :meth:`inplace` writes the products over the input block instead of
+    allocating an output block (Nyström's sketch no longer needs its input).
     """
 
     def __init__(self, grads: Sequence[Tensor | None], params: Sequence[Tensor], backward, engine: str,
@@ -153,50 +156,80 @@ class HessianVectorProduct:
                 return self._single(V)
             with torch.no_grad():
                 return self._single(V)
+        return self._products(V, None)
+
+    def inplace(self, V: Tensor) -> Tensor:
+        """``V H`` written over ``V`` (a contiguous ``(B, p)`` block the caller no longer needs); returns ``V``.
+
+        The solvers' in-place matvec (:func:`~hyperopt_torch.ihvp.matvec_inplace`): no output
+        block is allocated, so the peak is ``V`` plus the strategy's own products (one row's
+        for ``"loop"``, the block's for ``"vmap"``) instead of two blocks plus those.
+
+        Raises:
+            ValueError: ``V`` is not a contiguous ``(B, p)`` block.
+        """
+        if V.dim() != 2 or V.shape[1] != self.numel or not V.is_contiguous():
+            raise ValueError(f"Invalid V: shape {tuple(V.shape)}, contiguous={V.is_contiguous()} "
+                             f"(expected a contiguous (B, {self.numel}) block)")
+        return self._products(V, V)
+
+    def _products(self, V: Tensor, out: Tensor | None) -> Tensor:
+        """``V H`` for ``V`` of shape ``(B, p)`` written into ``out`` (which may be ``V`` itself), or into
+        a new block when ``out`` is ``None``."""
         B = V.shape[0]
         self.calls += B
         with torch.no_grad():
             if B == 1:
                 self.strategy = "single"
-                return self._single(V[0]).unsqueeze(0)
+                hv = self._single(V[0]).unsqueeze(0)
+                return hv if out is None else out.copy_(hv)
+            out = V.new_empty(B, self.numel) if out is None else out
             key = (self.engine, tuple(self._shapes), V.dtype, V.device, B)
             choice = self.forced or STRATEGY_CACHE.get(key, {}).get("strategy")
             if choice is None:
-                out, STRATEGY_CACHE[key] = self._measure(V)
-            else:
-                out = self._block(V, choice)
-            self.strategy = STRATEGY_CACHE[key]["strategy"] if choice is None else choice
-        return out
+                STRATEGY_CACHE[key] = self._measure(V)
+                choice = STRATEGY_CACHE[key]["strategy"]
+            self.strategy = choice
+            return self._block(V, choice, out)
 
-    def _measure(self, V: Tensor) -> tuple[Tensor, dict]:
-        """Run every candidate once (warm-up), then time each twice, interleaved, all writing into one
-        output block (so measuring costs no extra memory); return the block, which holds the last
-        candidate's products, and ``{"strategy": winner, "seconds": {name: best time}}``."""
+    def _measure(self, V: Tensor) -> dict:
+        """Run every candidate once (warm-up), then time each twice, interleaved; return
+        ``{"strategy": winner, "seconds": {name: best time}}``.
+
+        The products are dropped, not written (copying them is the same work for every
+        candidate), so measuring needs no output block and leaves ``V`` intact for the run
+        of the winner that follows.
+        """
         names = self.candidates(V.shape[0])
-        out = V.new_empty(V.shape[0], self.numel)
         for name in names:
-            self._block(V, name, out)
+            self._block(V, name, None)
         best = {name: float("inf") for name in names}
         for _ in range(2):
             for name in names:
                 _sync(V.device)
                 start = time.perf_counter()
-                self._block(V, name, out)
+                self._block(V, name, None)
                 _sync(V.device)
                 best[name] = min(best[name], time.perf_counter() - start)
         winner = min(names, key=lambda n: (best[n], names.index(n)))
-        return out, {"strategy": winner, "seconds": best}
+        return {"strategy": winner, "seconds": best}
 
-    def _block(self, V: Tensor, strategy: str, out: Tensor | None = None) -> Tensor:
-        """``V H`` for ``V`` of shape ``(B, p)`` by one strategy, written into ``out`` (or a new block)."""
+    def _block(self, V: Tensor, strategy: str, out: Tensor | None) -> Tensor | None:
+        """``V H`` for ``V`` of shape ``(B, p)`` by one strategy, written into ``out`` (which may be
+        ``V`` itself: each product is computed before its input rows are overwritten), or
+        computed and dropped when ``out`` is ``None`` (timing)."""
         B = V.shape[0]
-        out = V.new_empty(B, self.numel) if out is None else out
+        over_input = out is not None and out.untyped_storage().data_ptr() == V.untyped_storage().data_ptr()
         if strategy == "loop":
             for i in range(B):
-                self._write(out[i : i + 1], self._backward(self._pieces(V[i]), False, None))
+                hv = self._backward(self._pieces(V[i]), False, None)
+                if out is not None:
+                    self._write(out[i : i + 1], hv, over_input)
+                del hv
             return out
         chunk = int(strategy.split(":")[1]) if ":" in strategy else None
-        return self._write(out, self._backward(self._pieces(V), True, chunk))
+        hv = self._backward(self._pieces(V), True, chunk)
+        return None if out is None else self._write(out, hv, over_input)
 
     def _single(self, v: Tensor) -> Tensor:
         """``v H`` for one vector ``v`` of shape ``(p,)``: one torch.cat, cheaper than a loop of copies."""
@@ -220,10 +253,15 @@ class HessianVectorProduct:
         return [piece.reshape(*lead, *shape)
                 for piece, shape in zip(torch.split_with_sizes(v, self._sizes, dim=-1), self._shapes)]
 
-    def _write(self, out: Tensor, hv) -> Tensor:
+    def _write(self, out: Tensor, hv, over_input: bool = False) -> Tensor:
         # Copy each parameter's product into place and drop it at once, so the
         # block's memory peaks at about one copy of the products, not two (torch.cat).
         hv = list(hv)
+        if over_input:
+            # Written over its own input, a product that aliases the input (H = I can pass a
+            # vector through) would be overwritten by an earlier parameter's copy: detach it first.
+            base = out.untyped_storage().data_ptr()
+            hv = [h.clone() if h is not None and h.untyped_storage().data_ptr() == base else h for h in hv]
         offset = 0
         for i, n in enumerate(self._sizes):
             if hv[i] is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -110,3 +111,57 @@ def figures(monkeypatch) -> dict:
 
     monkeypatch.setattr(common, "save_figure", capture)
     return drawn
+
+
+class LiveBytes:
+    """Counts the bytes of tensor storages allocated while it is active and still alive, and their peak.
+
+    A ``TorchDispatchMode`` sees every storage an operator creates (views and in-place results
+    share an input's storage and are not counted); a ``weakref.finalize`` on the storage, whose
+    Python object PyTorch keeps for as long as the storage lives, subtracts it when it is freed.
+    Memory claims are checked with it without timing anything or needing a GPU.
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        counter = self
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        counter._allocated(t.untyped_storage(), inputs)
+                return out
+
+        self._mode = Mode()
+
+    def _allocated(self, storage, inputs) -> None:
+        key, n = storage.data_ptr(), storage.nbytes()
+        if n == 0 or key in inputs or key in self.live:
+            return
+        self.live[key] = n
+        self.now += n
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._freed, key)
+
+    def _freed(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+    def __enter__(self) -> "LiveBytes":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+@pytest.fixture
+def live_bytes():
+    """``live_bytes()`` gives a fresh :class:`LiveBytes` counter (``with live_bytes() as m: ...; m.peak``)."""
+    return LiveBytes

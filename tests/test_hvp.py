@@ -127,7 +127,7 @@ def test_strategy_is_the_fastest_measured_remembered_per_layout_and_ties_go_to_t
     hvp, _ = training_hvp(loss, model, list(model.parameters()))
     V = torch.randn(5, hvp.numel, dtype=DT)
     out = hvp(V)
-    assert ran == ["vmap", "loop", "vmap:3"] * 3  # warm-up run, then two timed rounds
+    assert ran == ["vmap", "loop", "vmap:3"] * 3 + ["loop"]  # warm-up run, two timed rounds, then the winner
     assert hvp.strategy == "loop"  # loop and vmap:3 tie at 1.0: the earlier candidate wins
     (entry,) = hvp_module.STRATEGY_CACHE.values()
     assert entry == {"strategy": "loop", "seconds": {"vmap": 3.0, "loop": 1.0, "vmap:3": 1.0}}
@@ -138,7 +138,7 @@ def test_strategy_is_the_fastest_measured_remembered_per_layout_and_ties_go_to_t
     hvp2(V)
     assert ran == ["loop"] and hvp2.strategy == "loop"
     hvp2(V[:2])
-    assert ran[1:] == ["vmap", "loop"] * 3 and len(hvp_module.STRATEGY_CACHE) == 2
+    assert ran[1:] == ["vmap", "loop"] * 3 + ["loop"] and len(hvp_module.STRATEGY_CACHE) == 2
 
 
 def test_hypergradient_info_records_the_strategy():
@@ -167,3 +167,67 @@ def test_func_engine_uses_autograd_below_the_size_threshold(monkeypatch):
     assert small.engine == "autograd" and large.engine == "func"
     V = torch.randn(3, p, dtype=DT)
     torch.testing.assert_close(small(V), large(V), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("engine,strategy", [("func", "vmap"), ("func", "loop"), ("func", "vmap:3"),
+                                             ("autograd", "vmap"), ("autograd", "loop")])
+def test_inplace_writes_the_dense_hessian_rows_over_the_input(engine, strategy, dtype):
+    model, X, y = _mlp_problem()
+    H = _dense_hessian(model, X, y)
+    model, X = model.to(dtype), X.to(dtype)
+    hvp, _ = training_hvp(lambda m: nn.functional.cross_entropy(m(X), y), model, list(model.parameters()), engine)
+    hvp.forced = strategy
+    V0 = torch.randn(5, hvp.numel, dtype=dtype)
+    V = V0.clone()
+    out = hvp.inplace(V)
+    assert out is V and hvp.calls == 5 and hvp.strategy == strategy
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(V.double(), V0.double() @ H, **tol)
+    assert torch.equal(V, hvp(V0))  # the same products as a fresh output block, to the bit
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_inplace_copies_products_that_alias_the_input_before_overwriting_it(strategy):
+    """Gradients (c, a) of ⟨a, c⟩ give H = [[0, I], [I, 0]]: autograd hands back views of the input pieces,
+    swapped, so copying a's product over a's piece first would destroy c's product."""
+    a = torch.randn(3, 2, dtype=DT, requires_grad=True)
+    c = torch.randn(3, 2, dtype=DT, requires_grad=True)
+    hvp = HessianVectorProduct.from_autograd([c.view(3, 2), a.view(3, 2)], [a, c], strategy=strategy)
+    V0 = torch.randn(4, 12, dtype=DT)
+    swapped = torch.cat([V0[:, 6:], V0[:, :6]], dim=1)
+    assert torch.equal(hvp.inplace(V0.clone()), swapped) and torch.equal(hvp(V0), swapped)
+
+
+def test_inplace_refuses_a_block_it_cannot_write_over():
+    model, X, y = _mlp_problem()
+    hvp, _ = training_hvp(lambda m: nn.functional.cross_entropy(m(X), y), model, list(model.parameters()))
+    for V in (torch.randn(hvp.numel, dtype=DT), torch.randn(hvp.numel, 3, dtype=DT).T, torch.randn(2, 5, dtype=DT)):
+        with pytest.raises(ValueError, match="Invalid V"):
+            hvp.inplace(V)
+
+
+def _wide_problem(dtype=torch.float32):
+    """p = 4,090 parameters and a batch of 8: the HVPs' own temporaries are small against a block of rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 50), nn.Tanh(), nn.Linear(50, 40)).to(dtype)
+    X, y = torch.randn(8, 40, dtype=dtype), torch.randn(8, 40, dtype=dtype)
+    return training_hvp(lambda m: ((m(X) - y) ** 2).mean(), model, list(model.parameters()))[0]
+
+
+def test_inplace_allocates_no_output_block_and_measuring_the_strategies_allocates_none(monkeypatch, live_bytes):
+    monkeypatch.setattr(hvp_module, "STRATEGY_CACHE", {})
+    hvp = _wide_problem()
+    block = 16 * hvp.numel * 4
+    V = torch.randn(16, hvp.numel)
+    peak = {}
+    for name, strategy, call in [("fresh loop", "loop", hvp), ("inplace loop", "loop", hvp.inplace),
+                                 ("fresh vmap", "vmap", hvp), ("inplace vmap", "vmap", hvp.inplace),
+                                 ("measuring", None, hvp.inplace)]:
+        hvp.forced = strategy
+        with live_bytes() as m:
+            call(V.clone() if call is hvp.inplace else V)
+        peak[name] = m.peak - (block if call is hvp.inplace else 0)  # the clone is the caller's block
+    assert peak["fresh loop"] >= block and peak["inplace loop"] < 0.25 * block  # one row's products
+    assert peak["fresh vmap"] - peak["inplace vmap"] >= block  # vmap's own products remain
+    assert peak["measuring"] <= peak["inplace vmap"] + 0.1 * block  # the widest candidate, no block on top

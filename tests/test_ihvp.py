@@ -94,7 +94,7 @@ def test_nystrom_hvp_counts_follow_the_chunk_schedule():
     p, k = 40, 10
     A, b = spd(p), torch.randn(p, dtype=DT)
     # κ = k: one batched pass.  κ < k: block 0, the upper triangle of block pairs
-    # (the first of each row is kept as the next row's own block), then every block
+    # (one block of each row is kept as the next row's own block), then every block
     # but the last again for the final combination: κ·m(m+1)/2 for equal blocks.
     # κ = 3, k = 10 has blocks 3,3,3,1: 3 + (7 + 4 + 1) + (3 + 3 + 3) = 24.
     # Products come in batches of κ vectors, never one at a time: κ = k is one

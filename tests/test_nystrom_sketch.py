@@ -88,3 +88,57 @@ def test_chunk_auto_reads_this_machines_free_memory_and_lands_in_diagnostics():
 def test_invalid_chunk_names_the_argument(chunk):
     with pytest.raises(ValueError, match="Invalid chunk"):
         Nystrom(rank=8, chunk=chunk)
+
+
+def _mlp_hvp(dtype, d=40, width=50, strategy=None):
+    """The HVP of a tanh MLP d-width-d on 8 examples (p = 4,090 at 40-50-40), strategy forced if given."""
+    from torch import nn
+
+    from hyperopt_torch.hvp import training_hvp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, width), nn.Tanh(), nn.Linear(width, d)).to(dtype)
+    X, y = torch.randn(8, d, dtype=dtype), torch.randn(8, d, dtype=dtype)
+    hvp, _ = training_hvp(lambda m: ((m(X) - y) ** 2).mean(), model, list(model.parameters()))
+    hvp.forced = strategy
+    return hvp
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sketch", ["columns", "gaussian"])
+@pytest.mark.parametrize("chunk", [None, 4, 1])
+def test_sketch_over_its_own_rows_equals_a_fresh_output_block_and_the_dense_solve(sketch, chunk, dtype):
+    """Products written over the test rows (HessianVectorProduct.inplace) change no bit of the solution,
+    and at k = p it is (H + ρI)⁻¹b of the dense Hessian."""
+    hvp = _mlp_hvp(dtype, d=10, width=1)  # p = 10 + 1 + 10 + 10 = 31
+    p = hvp.numel
+    H = torch.stack([hvp(e) for e in torch.eye(p, dtype=dtype)]).double()
+    b = torch.randn(p, generator=torch.Generator().manual_seed(1), dtype=DT).to(dtype)
+    rho = 0.1
+    solve = lambda mv, k: nystrom.nystrom_solve(mv, b, k, rho, chunk, sketch, torch.Generator().manual_seed(2))
+    for k in (9,) if chunk == 1 else (9, p):  # κ = 1 at k = p would take p(p+1)/2 products
+        assert torch.equal(solve(hvp, k), solve(lambda V: hvp(V), k))  # no inplace attribute: a fresh block
+    if chunk == 1 or (sketch == "gaussian" and dtype == torch.bfloat16):
+        return  # bfloat16 products of Gaussian rows see Ω rounded to bfloat16, W the float32 Ω (27 % here)
+    exact = torch.linalg.solve(0.5 * (H + H.T) + rho * torch.eye(p, dtype=DT), b.double())
+    assert rel(solve(hvp, p).double(), exact) < {DT: 1e-9, torch.float32: 1e-3, torch.bfloat16: 3e-2}[dtype]
+
+
+@pytest.mark.parametrize("sketch,chunk,blocks,fresh", [("columns", None, 1, 2), ("columns", 16, 2, 3),
+                                                      ("gaussian", None, 2, 2)])
+def test_sketch_holds_one_block_of_rows_at_its_peak_with_kappa_k(monkeypatch, live_bytes, sketch, chunk, blocks, fresh):
+    """κ = k holds one k × p block (the products over their own test rows) plus one row's products
+    (loop strategy); κ < k two κ × p blocks; the Gaussian sketch two, Ω being regenerated for W.
+    A matvec without an in-place variant needs its output block next to its input."""
+    monkeypatch.setattr(nystrom, "_SLAB", 64)  # float64 slabs of 64 entries of p: small against a block
+    hvp = _mlp_hvp(torch.float32, strategy="loop")
+    k, p = 32, hvp.numel
+    block = (chunk or k) * p * 4
+    b = torch.randn(p)
+    peak = {}
+    for name, matvec in (("inplace", hvp), ("fresh", lambda V: hvp(V))):
+        with live_bytes() as m:
+            nystrom.nystrom_solve(matvec, b, k, 0.1, chunk, sketch, torch.Generator().manual_seed(0))
+        peak[name] = m.peak / block
+    assert blocks <= peak["inplace"] < blocks + 0.2
+    assert fresh <= peak["fresh"] < fresh + 0.2

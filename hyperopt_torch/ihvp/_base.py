@@ -5,6 +5,13 @@ A solver sees the Hessian only through a *matvec*, ``V (B, p) ↦ V H (B, p)``
 :mod:`hyperopt_torch.hvp` builds matvecs from a model, a test builds one from a
 dense matrix (``lambda V: V @ A``), a data-parallel run wraps one in an
 all-reduce.
+
+A matvec may also carry an ``inplace`` attribute: a callable that writes
+``V H`` over a contiguous ``V`` and returns ``V``.  A solver that no longer
+needs its input block (Nyström's sketch) calls :func:`matvec_inplace`, which
+uses it when present and falls back to ``matvec(V)``; the wrappers here and in
+:mod:`hyperopt_torch.distributed` pass it on.  A matvec without it works
+unchanged, with its input and output blocks alive together.
 """
 
 from __future__ import annotations
@@ -15,6 +22,20 @@ import torch
 from torch import Tensor
 
 Matvec = Callable[[Tensor], Tensor]
+
+
+def matvec_inplace(matvec: Matvec, V: Tensor) -> Tensor:
+    """``V H`` for a block ``V`` of shape ``(B, p)`` that the caller will not read again.
+
+    Computed over ``V``'s own storage (and returned as ``V``) when ``matvec``
+    has an ``inplace`` attribute and ``V`` is contiguous; otherwise
+    ``matvec(V)``, a new block.  Either way the caller must use the returned
+    tensor and treat ``V`` as overwritten.
+    """
+    inplace = getattr(matvec, "inplace", None)
+    if inplace is None or not V.is_contiguous():
+        return matvec(V)
+    return inplace(V)
 
 
 class Solution(NamedTuple):
@@ -67,7 +88,8 @@ def working_precision(matvec: Matvec, b: Tensor) -> tuple[Matvec, Tensor]:
     bfloat16's 4e-3, whose errors would add up over the iterations (CG's
     recurrences) or over the cancelling columns of the Nyström combination.
     Casting the products up is exact; the memory cost is the float32 copies of
-    the vectors a solver holds.
+    the vectors a solver holds.  ``matvec'`` has an ``inplace`` variant
+    (:func:`matvec_inplace`) that casts the products into the float32 input.
     """
     if b.dtype not in (torch.float16, torch.bfloat16):
         return matvec, b
@@ -76,6 +98,10 @@ def working_precision(matvec: Matvec, b: Tensor) -> tuple[Matvec, Tensor]:
     def upcast(V: Tensor) -> Tensor:
         return matvec(V.to(model_dtype)).float()
 
+    def upcast_inplace(V: Tensor) -> Tensor:
+        return V.copy_(matvec_inplace(matvec, V.to(model_dtype)))
+
+    upcast.inplace = upcast_inplace
     return upcast, b.float()
 
 

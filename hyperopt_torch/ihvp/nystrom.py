@@ -19,10 +19,11 @@ the Gram matrix ``G = (HΩ)ᵀ(HΩ)`` and ``c = (HΩ)ᵀ b`` (all ``k × k`` or
 controls how many of the ``k`` columns ``HΩ`` are held at once:
 
 * ``κ = k`` (time-efficient, Eq. 6): one batched backward computes all ``k``
-  columns; ``k`` HVPs, ``O(kp)`` memory.
+  columns; ``k`` HVPs, one ``k × p`` block (the products are written over
+  the test rows they were computed from).
 * ``κ = 1`` (space-efficient, Eq. 8–9) and ``1 < κ < k`` (Algorithm 1): the
   ``m = ⌈k/κ⌉`` column blocks are recomputed as the blockwise Gram matrix
-  needs them; ``κ·m(m+1)/2`` HVPs, ``O(κp)`` memory.
+  needs them; ``κ·m(m+1)/2`` HVPs, two ``κ × p`` blocks.
 
 Algorithm 1's sequential Woodbury updates ``Ĥ ← Ĥ − ĤL(J + LᵀĤL)⁻¹LᵀĤ`` are,
 in exact arithmetic, functions of these same small quantities, so every κ
@@ -89,7 +90,7 @@ import torch
 from torch import Tensor
 
 from .._checks import positive_float, positive_int
-from ._base import Matvec, working_precision
+from ._base import Matvec, matvec_inplace, working_precision
 from ._linalg import EPS64, eigh_above_noise
 
 SKETCHES = ("columns", "gaussian")
@@ -123,8 +124,11 @@ def _test_matrix(sketch: str, p: int, k: int, b: Tensor, generator: torch.Genera
 
     Random draws come from ``generator`` (a CPU generator) only, so the
     sketch is the same for every chunk size and reproducible from its state.
-    The column sketch's rows are the only dense ``κ × p`` tensor made here
-    (they are the HVPs' input); its projection is a gather of ``κ`` columns.
+    The rows are the HVPs' input, which the products overwrite
+    (:func:`~hyperopt_torch.ihvp.matvec_inplace`), so ``project`` does not read
+    them: the column sketch's projection is a gather of ``κ`` columns of ``Y``;
+    the Gaussian one regenerates ``Ω``'s rows from their seeds (the same
+    numbers), one ``κ × p`` block alive while it runs.
     """
     if sketch == "columns":
         index = sample_columns(p, k, generator).to(b.device, non_blocking=True)
@@ -144,18 +148,12 @@ def _test_matrix(sketch: str, p: int, k: int, b: Tensor, generator: torch.Genera
 
     def rows(j0: int, j1: int) -> Tensor:
         out = torch.empty(j1 - j0, p, dtype=b.dtype, device=b.device)
-        for i, seed in enumerate(seeds[j0:j1]):
-            g = torch.Generator(device=b.device).manual_seed(seed)
-            out[i] = torch.randn(p, generator=g, dtype=b.dtype, device=b.device)
+        for i, seed in enumerate(seeds[j0:j1]):  # normal_ in place draws what randn(p) would
+            out[i].normal_(generator=torch.Generator(device=b.device).manual_seed(seed))
         return out
 
-    cache: dict[tuple[int, int], Tensor] = {}
-
     def project(j0: int, j1: int, Y: Tensor) -> Tensor:
-        if (j0, j1) not in cache:
-            cache.clear()  # keep at most one block of Ω alive
-            cache[(j0, j1)] = rows(j0, j1)
-        return _gram(cache[(j0, j1)], Y)
+        return _gram(rows(j0, j1), Y)
 
     return rows, project
 
@@ -193,9 +191,15 @@ def nystrom_sketch(
     float64, and ``combine(β)`` returns ``Yᵀβ`` (shape ``(p,)``, dtype of ``b``),
     recomputing column blocks as needed.  ``k = min(rank, p)``.
 
-    Memory: at most two ``κ × p`` blocks of ``Y`` are alive at once (one with
-    ``κ = k``), plus the HVP input block while it is being multiplied; the
-    float64 products are accumulated over slabs of ``p`` (:func:`_gram`).
+    Memory: each block of ``Y`` is computed over its own test rows
+    (:func:`~hyperopt_torch.ihvp.matvec_inplace`), so at most two ``κ × p``
+    blocks are alive at once (one with ``κ = k``), plus the matvec's own
+    products while it runs (one row's with :class:`~hyperopt_torch.hvp.
+    HessianVectorProduct`'s loop strategy, a block's with vmap) and, for the
+    Gaussian sketch, one regenerated block of ``Ω`` while ``W`` is formed.  A
+    matvec without an in-place variant (``lambda V: V @ A``) adds its output
+    block while it runs.  The float64 products are accumulated over slabs of
+    ``p`` (:func:`_gram`).
 
     Data parallelism: the Hessian of a loss averaged over shards is the average
     of the shards' Hessians, so wrapping ``matvec`` to all-reduce (average) its
@@ -211,38 +215,44 @@ def nystrom_sketch(
 
     def column_block(i: int) -> Tensor:
         j0, j1 = blocks[i]
-        return matvec(rows(j0, j1))
+        return matvec_inplace(matvec, rows(j0, j1))  # the rows are not needed once multiplied
 
     W = torch.empty(k, k, dtype=torch.float64, device=b.device)
     G = torch.empty_like(W)
     c = torch.empty(k, dtype=torch.float64, device=b.device)
     b_row = b.reshape(1, p)
-    held = {0: column_block(0)}
-    # Upper triangle of blocks; the first block computed in row a's inner loop
-    # is kept as row a+1's own block, so m(m-1)/2 + 1 block computations in all.
-    for a, (a0, a1) in enumerate(blocks):
-        Ya = held.pop(a)
+    # Every pair of blocks meets once, with one block held (the anchor) and its partners
+    # computed one at a time.  Each row's partners are the anchors still to come, computed in
+    # reverse order, so the last one computed is the next anchor: two blocks alive at once,
+    # m(m-1)/2 + 1 block computations.  The anchors are 0, m-2, m-3, ..., 1, m-1: the last
+    # block, the ragged (smallest) one, is a partner in every row and is held for combine().
+    m = len(blocks)
+    anchors = [0, *range(m - 2, 0, -1), m - 1] if m > 1 else [0]
+    Ya = column_block(0)
+    for t, a in enumerate(anchors):
+        a0, a1 = blocks[a]
         G[a0:a1, a0:a1] = _gram(Ya, Ya)
         W[a0:a1, a0:a1] = project(a0, a1, Ya)
         c[a0:a1] = _gram(Ya, b_row)[:, 0]
-        for bi in range(a + 1, len(blocks)):
+        for bi in reversed(anchors[t + 1 :]):
             b0, b1 = blocks[bi]
             Yb = column_block(bi)
             G[a0:a1, b0:b1] = _gram(Ya, Yb)
             G[b0:b1, a0:a1] = G[a0:a1, b0:b1].T
             W[a0:a1, b0:b1] = project(a0, a1, Yb)
             W[b0:b1, a0:a1] = project(b0, b1, Ya)
-            if bi == a + 1:
-                held[bi] = Yb
-            del Yb  # before the next block is computed
-        if a == len(blocks) - 1:
-            held[a] = Ya  # the last block is reused by combine()
-        del Ya
+            if bi != anchors[t + 1]:
+                del Yb  # before the next partner is computed
+        if t + 1 < len(anchors):
+            Ya = Yb  # the next anchor; the old one is freed here
+    held = {anchors[-1]: Ya}  # the last anchor is reused by combine()
+    del Ya
 
     def combine(beta: Tensor) -> Tensor:
         beta = beta.to(b.dtype)
         out = torch.zeros_like(b)
-        for i in reversed(range(len(blocks))):
+        # The held block first, so that it is freed before any block is recomputed.
+        for i in [*held, *(i for i in range(len(blocks)) if i not in held)]:
             j0, j1 = blocks[i]
             Y = held.pop(i) if i in held else column_block(i)
             out.addmv_(Y.T, beta[j0:j1])
@@ -372,13 +382,17 @@ def free_memory(device: torch.device) -> int:
 def auto_chunk(matvec: Matvec, b: Tensor, rank: int) -> int:
     """The largest ``κ ≤ min(rank, p)`` whose column blocks fit in ``AUTO_MARGIN`` of the free memory.
 
-    A block of ``κ`` columns holds about three ``κ × p`` tensors at its peak
-    (the HVP input, the products, ``Y``) and, one held block plus one being
-    computed, at most two blocks of ``Y``: ``4·p`` elements per column.  On
-    CUDA the batched backward's own memory per column (activation gradients,
-    dominant on conv nets) is measured with one product through ``matvec``
-    (counted in its HVPs; this resets ``torch.cuda``'s peak-memory statistics)
-    and added; on a CPU it is not measured, which the margin has to cover.
+    The sketch holds at most two ``κ × p`` blocks of ``Y`` (one held, one
+    computed over its own test rows, :func:`nystrom_sketch`), and the batched
+    backward adds its products and temporaries while it runs (about 1.7 more
+    ``p``-vectors per column with vmap on a small MLP, one row's with the
+    loop); the model is ``4·p`` elements per column.  On CUDA the backward's
+    own memory per column (activation gradients, dominant on conv nets) is
+    measured with one product through ``matvec`` (counted in its HVPs; this
+    resets ``torch.cuda``'s peak-memory statistics) and added; on a CPU it is
+    not measured, which the margin has to cover.  A matvec without an
+    in-place variant also holds its output block while it runs, within the
+    same ``4·p``.
 
     Under data parallelism the free memory, hence κ, can differ between ranks,
     and so would the number of all-reduced block products: pass an integer
