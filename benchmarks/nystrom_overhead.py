@@ -80,7 +80,7 @@ def floor_fn(model, hparams, train_loss, val_loss, k, strategy):
     V = torch.zeros(k, b.numel(), device=b.device, dtype=b.dtype)
     V[torch.arange(k), torch.arange(k)] = 1
     with torch.no_grad():
-        hvp(V)
+        hvp.inplace(V)  # over the input rows, as the step's sketch does: no output block
     return hvp.mixed(b, hparams)
 
 
