@@ -27,6 +27,9 @@ def test_slabbed_gram_equals_one_float64_product(monkeypatch, dtype):
     for X, Y in ((A, B), (A, A)):
         exact = X.double() @ Y.double().T
         assert rel(nystrom._gram(X, Y), exact) < 1e-13
+    v = torch.randn(50, generator=g).to(dtype)
+    gram, more = nystrom._gram(A, A, extra=v)  # the same pass gives A v
+    assert rel(gram, A.double() @ A.double().T) < 1e-13 and rel(more, A.double() @ v.double()) < 1e-13
 
 
 @pytest.mark.parametrize("sketch", ["columns", "gaussian"])
