@@ -94,7 +94,7 @@ class HessianVectorProduct:
     is faster on wide MLPs on a CPU), while on conv nets one batched backward
     wins.  With ``strategy=None`` (the default) the first block of each size
     ``B`` seen for a given model layout (engine, parameter shapes, dtype,
-    device) is computed by every candidate, each timed twice after a warm-up
+    device) is computed by every candidate, each timed three times after a warm-up
     run, and the one with the smallest time wins (ties: the order above); the
     winner is remembered for the process (:data:`STRATEGY_CACHE`) with its
     timings, so the choice is deterministic given what was measured; the
@@ -193,7 +193,7 @@ class HessianVectorProduct:
             return self._block(V, choice, out)
 
     def _measure(self, V: Tensor) -> dict:
-        """Run every candidate once (warm-up), then time each twice, interleaved; return
+        """Run every candidate once (warm-up), then time each three times, interleaved; return
         ``{"strategy": winner, "seconds": {name: best time}}``.
 
         The products are dropped, not written (copying them is the same work for every
@@ -204,7 +204,7 @@ class HessianVectorProduct:
         for name in names:
             self._block(V, name, None)
         best = {name: float("inf") for name in names}
-        for _ in range(2):
+        for _ in range(3):  # min of three: a wrong choice costs up to 20 % on every later step
             for name in names:
                 _sync(V.device)
                 start = time.perf_counter()
