@@ -77,6 +77,15 @@ def test_chunk_auto_picks_the_largest_kappa_that_fits_and_reports_it(monkeypatch
     assert nystrom.auto_chunk(lambda V: V @ A, b, k) == 1  # never below 1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunk_auto_sizes_half_precision_blocks_in_their_float32_working_precision(monkeypatch, dtype):
+    """A half-precision b is solved in float32 (working_precision): its blocks cost 4 bytes per entry, not 2."""
+    p, k = 40, 8
+    monkeypatch.setattr(nystrom, "free_memory", lambda device: int(3.5 * 4 * p * 4 / nystrom.AUTO_MARGIN))
+    assert nystrom.auto_chunk(lambda V: V, torch.ones(p, dtype=dtype), k) == 3
+    assert nystrom.auto_chunk(lambda V: V, torch.ones(p, dtype=torch.float32), k) == 3
+
+
 def test_chunk_auto_reads_this_machines_free_memory_and_lands_in_diagnostics():
     assert nystrom.free_memory(torch.device("cpu")) > 0
     model = torch.nn.Linear(3, 1).double()
@@ -143,9 +152,12 @@ def test_gaussian_rows_are_rounded_as_half_precision_products_see_them(chunk):
     assert x.dtype == torch.bfloat16 and rel(x.double(), exact) < 8e-3  # bfloat16 rounding of x itself
 
 
-@pytest.mark.parametrize("sketch,chunk,blocks,fresh", [("columns", None, 1, 2), ("columns", 16, 2, 3),
-                                                      ("gaussian", None, 2, 2)])
-def test_sketch_holds_one_block_of_rows_at_its_peak_with_kappa_k(monkeypatch, live_bytes, sketch, chunk, blocks, fresh):
+# (κ = 8: m = 4 blocks, where the anchor schedule matters — the previous one held three, 3.34 blocks here;
+# the slack covers the p-sized vectors and one row's products, a larger fraction of a smaller block)
+@pytest.mark.parametrize("sketch,chunk,blocks,fresh,slack", [("columns", None, 1, 2, 0.2), ("columns", 16, 2, 3, 0.2),
+                                                            ("columns", 8, 2, 3, 0.4), ("gaussian", None, 2, 2, 0.2)])
+def test_sketch_holds_one_block_of_rows_at_its_peak_with_kappa_k(monkeypatch, live_bytes, sketch, chunk, blocks, fresh,
+                                                                   slack):
     """κ = k holds one k × p block (the products over their own test rows) plus one row's products
     (loop strategy); κ < k two κ × p blocks; the Gaussian sketch two, Ω being regenerated for W.
     A matvec without an in-place variant needs its output block next to its input."""
@@ -159,5 +171,5 @@ def test_sketch_holds_one_block_of_rows_at_its_peak_with_kappa_k(monkeypatch, li
         with live_bytes() as m:
             nystrom.nystrom_solve(matvec, b, k, 0.1, chunk, sketch, torch.Generator().manual_seed(0))
         peak[name] = m.peak / block
-    assert blocks <= peak["inplace"] < blocks + 0.2
-    assert fresh <= peak["fresh"] < fresh + 0.2
+    assert blocks <= peak["inplace"] < blocks + slack
+    assert fresh <= peak["fresh"] < fresh + slack

@@ -414,7 +414,8 @@ def auto_chunk(matvec: Matvec, b: Tensor, rank: int) -> int:
     computed over its own test rows, :func:`nystrom_sketch`), and the batched
     backward adds its products and temporaries while it runs (about 1.7 more
     ``p``-vectors per column with vmap on a small MLP, one row's with the
-    loop); the model is ``4·p`` elements per column.  On CUDA the backward's
+    loop); the model is ``4·p`` elements per column, of at least 4 bytes (a
+    half-precision ``b`` is solved in float32).  On CUDA the backward's
     own memory per column (activation gradients, dominant on conv nets) is
     measured with one product through ``matvec`` (counted in its HVPs; this
     resets ``torch.cuda``'s peak-memory statistics) and added; on a CPU it is
@@ -428,7 +429,8 @@ def auto_chunk(matvec: Matvec, b: Tensor, rank: int) -> int:
     """
     p = b.numel()
     k = min(rank, p)
-    per_column = 4 * p * b.element_size()
+    # The blocks are held in the working precision: float32 for a half-precision b (working_precision).
+    per_column = 4 * p * max(b.element_size(), 4)
     if b.device.type == "cuda":
         torch.cuda.synchronize(b.device)
         torch.cuda.reset_peak_memory_stats(b.device)
