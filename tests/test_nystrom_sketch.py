@@ -47,6 +47,7 @@ def test_sketch_quantities_match_dense_products_to_1e_13(monkeypatch, sketch, ch
     assert rel(W, Omega.T @ HO) < 1e-13 and rel(G, HO.T @ HO) < 1e-13 and rel(c, HO.T @ b) < 1e-13
     beta = torch.randn(k, generator=torch.Generator().manual_seed(4), dtype=DT)
     assert rel(combine(beta), HO @ beta) < 1e-13
+    assert rel(combine(beta, 0.5), 0.5 * b + HO @ beta) < 1e-13  # a·b + HΩβ in the same pass (blocks recomputed)
 
 
 def test_column_rows_are_the_unit_vectors_of_the_sampled_indices():

@@ -213,7 +213,7 @@ def nystrom_sketch(
 
     Returns ``(W, G, c, combine)`` where, with ``Y = (HΩ)ᵀ`` of shape ``(k, p)``,
     ``W = ΩᵀY ᵀ`` (``k × k``), ``G = YYᵀ`` (``k × k``) and ``c = Yb`` (``k``), all
-    float64, and ``combine(β)`` returns ``Yᵀβ`` (shape ``(p,)``, dtype of ``b``),
+    float64, and ``combine(β, a=0)`` returns ``a·b + Yᵀβ`` (shape ``(p,)``, dtype of ``b``),
     recomputing column blocks as needed.  ``k = min(rank, p)``.  ``product_dtype``:
     the dtype ``matvec`` casts its input to, when lower than ``b``'s (see
     :func:`~hyperopt_torch.ihvp._base.working_precision`).
@@ -273,14 +273,16 @@ def nystrom_sketch(
     held = {anchors[-1]: Ya}  # the last anchor is reused by combine()
     del Ya
 
-    def combine(beta: Tensor) -> Tensor:
+    def combine(beta: Tensor, a: float = 0.0) -> Tensor:
         beta = beta.to(b.dtype)
-        out = torch.zeros_like(b)
+        out = None
         # The held block first, so that it is freed before any block is recomputed.
         for i in [*held, *(i for i in range(len(blocks)) if i not in held)]:
             j0, j1 = blocks[i]
             Y = held.pop(i) if i in held else column_block(i)
-            out.addmv_(Y.T, beta[j0:j1])
+            # The first block starts the sum as a·b + Yᵀβ in one pass (no zero fill, no separate add
+            # of b; with a = 0, b is ignored, NaN included)
+            out = torch.addmv(b, Y.T, beta[j0:j1], beta=a) if out is None else out.addmv_(Y.T, beta[j0:j1])
             del Y
         return out
 
@@ -381,10 +383,7 @@ def nystrom_solve(
         return torch.full_like(b, float("nan"), dtype=out_dtype)
     W, G, c = packed[: k * k].view(k, k), packed[k * k : 2 * k * k].view(k, k), packed[2 * k * k :]
     a, beta = nystrom_from_sketch(W, G, c, b.numel(), rho)
-    x = combine(beta.to(b.device, non_blocking=True))
-    if a:
-        x.add_(b, alpha=a)
-    return x.to(out_dtype)
+    return combine(beta.to(b.device, non_blocking=True), a).to(out_dtype)
 
 
 AUTO_MARGIN = 0.5  # chunk="auto" plans to use at most this fraction of the free memory
