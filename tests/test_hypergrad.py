@@ -209,9 +209,13 @@ def test_hypergradients_are_dense_fresh_tensors_and_a_cpu_step_warns_nothing(rid
         grads, info = implicit_hypergradient([ridge.phi, psi], ridge.train_loss, val, ridge.model, solver)
     for g in grads:
         assert g.is_contiguous() and 0 not in g.stride()
-    torch.nn.utils.clip_grad_norm_([torch.zeros_like(g).requires_grad_() for g in grads], 1.0)  # smoke
     grads[1].mul_(0.5)  # an in-place write into the returned hypergradient
     assert torch.equal(grads[1], torch.full((4,), 0.5, dtype=DT))
+    holders = [torch.zeros_like(g).requires_grad_() for g in grads]
+    for holder, g in zip(holders, grads):
+        holder.grad = g  # as HyperOptimizer hands them over
+    total = torch.nn.utils.clip_grad_norm_(holders, 1e-3)  # scales every .grad in place
+    assert total > 1e-3 and torch.cat([g.reshape(-1) for g in grads]).norm() <= 1e-3 * (1 + 1e-6)
 
 
 def test_hvp_products_are_dense_and_writable_even_when_autograd_expands_them():
