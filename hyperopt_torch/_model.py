@@ -57,10 +57,10 @@ class ModelSnapshot:
         # BatchNorm's kernel and writes through .data update values without bumping them.  The
         # registries are read directly: named_parameters(recurse=False) per module costs more
         # than the copies themselves on a small model.
-        self.tensors = [(m, name, t) for m in modules
+        self.tensors = [(m, registry, name, t) for m in modules
                         for registry in (m._parameters, m._buffers) for name, t in registry.items() if t is not None]
         with torch.no_grad():
-            self.saved = [t.clone() for _, _, t in self.tensors]
+            self.saved = [t.clone() for *_, t in self.tensors]
         self.grads = [(t, t.grad) for t in [*params, *extra]]
         for t, _ in self.grads:
             t.grad = None
@@ -82,12 +82,13 @@ class ModelSnapshot:
             t.grad = None
         if not values:
             return
-        for m, name, t in self.tensors:
-            if getattr(m, name) is not t:
+        for m, registry, name, t in self.tensors:
+            # nn.Module.__setattr__ keeps the registries current; reading them skips __getattr__'s slow path
+            if registry.get(name) is not t:
                 setattr(m, name, t)
         # Through .data: a copy that bumps no version counter (module docstring).
         if self.tensors:
-            torch._foreach_copy_([t.data for _, _, t in self.tensors], self.saved)
+            torch._foreach_copy_([t.data for *_, t in self.tensors], self.saved)
 
     def close(self, values: bool = True) -> None:
         """:meth:`restore`, then hand the saved ``.grad`` objects back."""

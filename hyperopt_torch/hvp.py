@@ -44,10 +44,53 @@ from torch import Tensor, nn
 from ._checks import check_scalar, require_graph
 from ._model import LossCall, reaches
 ENGINES = ("func", "autograd")
+_ENGINE_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
+"""The autograd engine's entry point behind ``torch.autograd.grad`` (private; ``None`` if a torch lacks it)."""
 FUNC_MIN_PARAMS = 10_000  # below this, engine="func" builds the graph with autograd
 STRATEGY_CACHE: dict[tuple, dict] = {}
 """Per-process memory of the measured HVP batching strategy, keyed by
 ``(engine, parameter shapes, dtype, device, B)``; see :class:`HessianVectorProduct`."""
+
+
+def autograd_grad(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], grad_outputs: tuple[Tensor, ...], *,
+                  retain_graph: bool | None = None, create_graph: bool = False) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused=True)``, cheaper.
+
+    ``torch.autograd.grad``'s Python layer (argument normalisation, the
+    ``__torch_function__`` dispatch, :func:`torch.autograd._make_grads`'s shape
+    checks) costs about 40 µs a call on a CPU: a fifth of a Hessian-vector
+    product on a model of 10³ parameters, and the margin by which betty's
+    Neumann beat ours on such models (docs/benchmarks.md, "Small problems").
+    Where every tensor is a plain ``torch.Tensor`` or ``nn.Parameter`` this
+    calls the engine entry point that ``torch.autograd.grad`` ends in
+    (``torch.autograd.graph._engine_run_backward``, private), with the
+    arguments ``torch.autograd.grad`` would pass it.  Otherwise (a tensor
+    subclass, or a torch without that entry point) it calls
+    ``torch.autograd.grad``.  ``grad_outputs`` is required (``torch.ones_like``
+    for a scalar loss), not batched, and must have its output's shape: the
+    engine refuses a shape it cannot sum to the output's, but unlike
+    ``torch.autograd.grad`` it accepts and sums a broadcastable one (``(1, n)``
+    for ``(n,)``), which the callers here never pass.  Dtypes are cast as
+    there.  ``retain_graph`` defaults to ``create_graph``, as there.  The
+    results are identical either way (``tests/test_hvp.py``).
+    """
+    if retain_graph is None:
+        retain_graph = create_graph
+    if _ENGINE_RUN_BACKWARD is not None and _plain(outputs) and _plain(inputs) and _plain(grad_outputs):
+        return _ENGINE_RUN_BACKWARD(outputs, grad_outputs, retain_graph, create_graph, inputs, True,
+                                    accumulate_grad=False)
+    return torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph,
+                               create_graph=create_graph, allow_unused=True)
+
+
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def _plain(tensors: tuple) -> bool:
+    for t in tensors:
+        if type(t) not in _PLAIN:
+            return False
+    return True
 
 
 def _sync(device: torch.device) -> None:
@@ -126,16 +169,18 @@ class HessianVectorProduct:
         # Only gradient entries that carry a graph can be differentiated again; a
         # gradient without one (f linear in that parameter) contributes H = 0.
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        outputs = [grads[i] for i in live]
+        outputs = tuple(grads[i] for i in live)
+        inputs = tuple(params)
         every = len(live) == len(grads)
 
         def backward(pieces, batched, chunk):  # is_grads_batched has no chunk size
             if not live:
                 return [None] * len(pieces)
-            return torch.autograd.grad(
-                outputs, params, grad_outputs=pieces if every else [pieces[i] for i in live],
-                retain_graph=True, allow_unused=True, is_grads_batched=batched,
-            )
+            pieces = tuple(pieces) if every else tuple(pieces[i] for i in live)
+            if not batched:
+                return autograd_grad(outputs, inputs, pieces, retain_graph=True)
+            return torch.autograd.grad(outputs, inputs, grad_outputs=pieces, retain_graph=True, allow_unused=True,
+                                       is_grads_batched=True)
 
         return cls(grads, params, backward, "autograd", strategy)
 
@@ -247,6 +292,10 @@ class HessianVectorProduct:
 
     def _pieces(self, v: Tensor) -> list[Tensor]:
         # torch.split_with_sizes, not Tensor.split: the latter's Python wrapper costs ~10 µs per call
+        if v.dim() == 1:  # the solvers' one-vector case: no shape arithmetic per product
+            if len(self._sizes) == 1:
+                return [v.reshape(self._shapes[0])]
+            return [piece.reshape(shape) for piece, shape in zip(torch.split_with_sizes(v, self._sizes), self._shapes)]
         lead = v.shape[:-1]
         if len(self._sizes) == 1:
             return [v.reshape(*lead, *self._shapes[0])]
@@ -282,9 +331,7 @@ class HessianVectorProduct:
         if not live:
             return tuple(None for _ in hparams)
         pieces = self._pieces(x)
-        return torch.autograd.grad(
-            [self.grads[i] for i in live], list(hparams), grad_outputs=[pieces[i] for i in live], allow_unused=True
-        )
+        return autograd_grad(tuple(self.grads[i] for i in live), tuple(hparams), tuple(pieces[i] for i in live))
 
 
 def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
@@ -330,7 +377,7 @@ class _CapturedParameter(Exception):
 
 def _autograd_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
     loss = require_graph(check_scalar(loss_fn(model), "train_loss_fn"), "train_loss_fn")
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    grads = autograd_grad((loss,), tuple(params), (torch.ones_like(loss),), create_graph=True)
     return HessianVectorProduct.from_autograd(grads, params), loss
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ._checks import check_hparams, check_model, check_scalar, require_graph
 from ._model import ModelSnapshot, modules_of
 from .distributed import data_parallel
-from .hvp import ENGINES, flatten, training_hvp
+from .hvp import ENGINES, autograd_grad, flatten, training_hvp
 from .ihvp import Solver, make_solver, run_solver
 
 LossFn = Callable[[nn.Module], Tensor]
@@ -207,7 +207,7 @@ def implicit_hypergradient(
         with torch.enable_grad():
             val = require_graph(check_scalar(val_loss_fn(model), "val_loss_fn"), "val_loss_fn")
             _refuse_backward(snapshot, len(params), "val_loss_fn")
-            direct = comm.average(torch.autograd.grad(val, params + hparams, allow_unused=True), params + hparams)
+            direct = comm.average(autograd_grad((val,), (*params, *hparams), (torch.ones_like(val),)), params + hparams)
             # The training loss sees the model as found, whatever val_loss_fn did to it
             # (model.eval() is common; BatchNorm in training mode updates buffers; a clamp_).
             snapshot.restore()
@@ -312,7 +312,7 @@ def _fetch(checks: list, n_flags: int, comm, dtype: torch.dtype) -> list[float]:
     averaged over the ranks under data parallelism; in host memory a single
     process reads them one by one, which costs less than stacking them.
     """
-    if comm.group is None and all(not isinstance(c, Tensor) or c.device.type == "cpu" for c in checks):
+    if comm.group is None and all(not isinstance(c, Tensor) or c.is_cpu for c in checks):
         return [float(all(math.isfinite(float(c)) for c in checks[:n_flags])), *map(float, checks[n_flags:])]
     device = checks[-1].device
     finite = torch.stack([torch.isfinite(c) for c in checks[:n_flags]]

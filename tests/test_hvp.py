@@ -24,6 +24,60 @@ def test_flatten_unflatten_round_trip_and_none_is_zero():
     assert back[0].shape == (2, 2, 3) and torch.equal(back[0][1], 2 * like[0])
 
 
+def _graph():
+    """A scalar loss's gradient with its graph (create_graph), and the leaves, one unused."""
+    torch.manual_seed(1)
+    w, c = torch.randn(3, 2, dtype=DT, requires_grad=True), torch.randn(2, dtype=DT, requires_grad=True)
+    unused = torch.randn(4, dtype=DT, requires_grad=True)
+    loss = torch.tanh(torch.randn(5, 3, dtype=DT) @ w + c).pow(2).sum()
+    return loss, (w, c, unused)
+
+
+def test_autograd_grad_is_torch_autograd_grad_bit_for_bit():
+    """The engine fast path gives the very numbers, the Nones and the graphs torch.autograd.grad gives."""
+    assert hvp_module._ENGINE_RUN_BACKWARD is not None, "this torch lacks the engine entry point: products are slower"
+    loss, leaves = _graph()
+    ones = torch.ones_like(loss)
+    ours = hvp_module.autograd_grad((loss,), leaves, (ones,), create_graph=True)
+    ref = torch.autograd.grad(loss, leaves, ones, create_graph=True, allow_unused=True)
+    assert ours[2] is None and ref[2] is None
+    for a, b in zip(ours[:2], ref[:2]):
+        assert torch.equal(a, b) and a.requires_grad and b.requires_grad
+    v = tuple(torch.randn_like(g) for g in ours[:2])
+    second = hvp_module.autograd_grad(ours[:2], leaves, v, retain_graph=True)
+    second_ref = torch.autograd.grad(ref[:2], leaves, v, retain_graph=True, allow_unused=True)
+    assert second[2] is None and all(torch.equal(a, b) for a, b in zip(second[:2], second_ref[:2]))
+    assert not any(t.requires_grad for t in second[:2])
+    # retain_graph defaults to create_graph (False): the graph is freed as torch.autograd.grad frees it
+    hvp_module.autograd_grad(ours[:2], leaves, v)
+    with pytest.raises(RuntimeError, match="second time"):
+        hvp_module.autograd_grad(ours[:2], leaves, v)
+    # no .grad is written, as with torch.autograd.grad
+    assert all(t.grad is None for t in leaves)
+
+
+def test_autograd_grad_leaves_tensor_subclasses_to_torch_autograd_grad(monkeypatch):
+    """A subclass may define __torch_function__: only torch.autograd.grad dispatches it."""
+    class Tagged(torch.Tensor):
+        pass
+
+    loss, (w, c, unused) = _graph()
+    called = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: called.append(1) or real(*a, **k))
+    plain = hvp_module.autograd_grad((loss,), (w, c), (torch.ones_like(loss),), retain_graph=True)
+    assert not called
+    tagged = hvp_module.autograd_grad((loss,), (w, c), (torch.ones_like(loss).as_subclass(Tagged),))
+    assert called == [1] and all(torch.equal(a, b) for a, b in zip(plain, tagged))
+
+
+def test_autograd_grad_refuses_a_grad_output_of_another_size():
+    loss, (w, c, _) = _graph()
+    g = hvp_module.autograd_grad((loss,), (w,), (torch.ones_like(loss),), create_graph=True)
+    with pytest.raises(RuntimeError, match="shape"):
+        hvp_module.autograd_grad(g, (w,), (torch.ones(7, dtype=DT),))
+
+
 def test_batched_hvp_equals_dense_hessian_rows():
     model, X, y = _mlp_problem()
     params = list(model.parameters())
