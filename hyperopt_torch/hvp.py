@@ -147,10 +147,17 @@ class HessianVectorProduct:
 
     :meth:`inplace` writes the products over the input block instead of
     allocating an output block (Nyström's sketch no longer needs its input).
+
+    One vector at a time (CG, Neumann) with the autograd engine, the products
+    go through the gradient concatenated once into a flat vector with its
+    graph, so that splitting ``v`` into per-parameter pieces happens inside
+    autograd's backward instead of in Python at every product (results
+    identical to the bit; one ``p``-vector more memory with several
+    parameters).
     """
 
     def __init__(self, grads: Sequence[Tensor | None], params: Sequence[Tensor], backward, engine: str,
-                 strategy: str | None = None):
+                 strategy: str | None = None, flat_backward=None):
         self.params = list(params)
         self.grads = list(grads)
         self.engine = engine
@@ -159,6 +166,7 @@ class HessianVectorProduct:
         self.forced = strategy
         self.strategy: str | None = None
         self._backward = backward  # (pieces, batched, chunk_size) -> per-parameter products or None
+        self._flat_backward = flat_backward  # optional: one flat vector (p,) -> per-parameter products
         self._sizes = [p.numel() for p in self.params]
         self._shapes = [tuple(p.shape) for p in self.params]
 
@@ -182,7 +190,22 @@ class HessianVectorProduct:
             return torch.autograd.grad(outputs, inputs, grad_outputs=pieces, retain_graph=True, allow_unused=True,
                                        is_grads_batched=True)
 
-        return cls(grads, params, backward, "autograd", strategy)
+        if not every or not live:
+            return cls(grads, params, backward, "autograd", strategy)
+        flat = []
+
+        def flat_backward(v):
+            # One product of a flat vector through the gradient concatenated, once, into a flat
+            # vector with its graph: the split of v into per-parameter views then happens in the
+            # backward of that concatenation (C++), not in Python at every product (~10 µs, 3-7 %
+            # of a product on a model of 10² to 10³ parameters; docs/benchmarks.md).
+            if not flat:
+                with torch.enable_grad():  # the solvers call products under no_grad
+                    flat.append(torch.cat([g.reshape(-1) for g in outputs]) if len(outputs) > 1
+                                else outputs[0].reshape(-1))
+            return autograd_grad((flat[0],), inputs, (v,), retain_graph=True)
+
+        return cls(grads, params, backward, "autograd", strategy, flat_backward)
 
     def candidates(self, B: int) -> tuple[str, ...]:
         """The strategies tried for a block of ``B > 1`` vectors, in tie-breaking order."""
@@ -279,7 +302,8 @@ class HessianVectorProduct:
     def _single(self, v: Tensor) -> Tensor:
         """``v H`` for one vector ``v`` of shape ``(p,)``: one torch.cat, cheaper than a loop of copies."""
         if len(self._sizes) == 1:
-            hv = self._backward(self._pieces(v), False, None)[0]
+            hv = (self._flat_backward(v) if self._flat_backward is not None else
+                  self._backward(self._pieces(v), False, None))[0]
             if hv is None:
                 return v.new_zeros(self.numel)
             # Copy only a product that aliases its input (H = I passes v through) or is not dense
@@ -287,7 +311,7 @@ class HessianVectorProduct:
             if hv.is_contiguous() and hv.untyped_storage().data_ptr() != v.untyped_storage().data_ptr():
                 return hv.view(-1)
             return torch.cat([hv.reshape(-1)])
-        hv = self._backward(self._pieces(v), False, None)
+        hv = self._flat_backward(v) if self._flat_backward is not None else self._backward(self._pieces(v), False, None)
         return torch.cat([(h if h is not None else v.new_zeros(n)).reshape(-1) for h, n in zip(hv, self._sizes)])
 
     def _pieces(self, v: Tensor) -> list[Tensor]:

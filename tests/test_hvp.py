@@ -101,6 +101,27 @@ def test_batched_hvp_equals_dense_hessian_rows():
     torch.testing.assert_close(hvp(v), ref @ v, rtol=1e-10, atol=1e-12)
 
 
+def test_one_vector_products_through_the_flat_gradient_are_the_per_parameter_ones_to_the_bit():
+    """CG and Neumann's products go through the gradient concatenated into one vector (the split of v
+    happens in autograd's backward, not in Python); the numbers are those of the per-parameter pieces."""
+    model, X, y = _mlp_problem()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(X), y), params, create_graph=True)
+    flat = HessianVectorProduct.from_autograd(grads, params)
+    per_piece = HessianVectorProduct.from_autograd(grads, params, strategy="loop")
+    assert flat._flat_backward is not None
+    for seed in range(3):
+        v = torch.randn(flat.numel, dtype=DT, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            assert torch.equal(flat(v), per_piece(v[None])[0])
+    # One parameter and H = I: the product is a view of v itself, which is copied (a solver may write into it)
+    a = torch.randn(2, 3, dtype=DT, requires_grad=True)
+    identity = HessianVectorProduct.from_autograd([a.view(2, 3)], [a])
+    v = torch.randn(6, dtype=DT)
+    out = identity(v)
+    assert torch.equal(out, v) and out.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
+
+
 def test_unused_parameter_has_zero_hessian_rows():
     a = torch.randn(3, dtype=DT, requires_grad=True)
     unused = torch.randn(2, dtype=DT, requires_grad=True)
@@ -109,6 +130,7 @@ def test_unused_parameter_has_zero_hessian_rows():
     out = hvp(torch.ones(2, 5, dtype=DT))
     torch.testing.assert_close(out[:, :3], (6 * a.detach()).expand(2, 3))
     assert torch.equal(out[:, 3:], torch.zeros(2, 2, dtype=DT))
+    assert torch.equal(hvp(torch.ones(5, dtype=DT)), out[0])  # one vector: zeros for the unused one too
 
 
 def test_linear_loss_gives_zero_hessian():

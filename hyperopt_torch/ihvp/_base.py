@@ -125,6 +125,5 @@ def run_solver(solver: Solver, matvec: Matvec, b: Tensor, generator: torch.Gener
     except torch.linalg.LinAlgError:
         return Solution(torch.full_like(b, float("nan")))
     if solution.diverged is not None:
-        x = solution.x
-        solution = solution._replace(x=torch.where(solution.diverged, torch.full_like(x, float("nan")), x))
+        solution = solution._replace(x=torch.where(solution.diverged, float("nan"), solution.x))
     return solution
