@@ -57,8 +57,8 @@ class ModelSnapshot:
         # BatchNorm's kernel and writes through .data update values without bumping them.  The
         # registries are read directly: named_parameters(recurse=False) per module costs more
         # than the copies themselves on a small model.
-        self.tensors = [(m, registry, name, t) for m in modules
-                        for registry in (m._parameters, m._buffers) for name, t in registry.items() if t is not None]
+        self.tensors = [(m, kind, name, t) for m in modules
+                        for kind in ("_parameters", "_buffers") for name, t in getattr(m, kind).items() if t is not None]
         with torch.no_grad():
             self.saved = [t.clone() for *_, t in self.tensors]
         self.grads = [(t, t.grad) for t in [*params, *extra]]
@@ -82,10 +82,14 @@ class ModelSnapshot:
             t.grad = None
         if not values:
             return
-        for m, registry, name, t in self.tensors:
-            # nn.Module.__setattr__ keeps the registries current; reading them skips __getattr__'s slow path
-            if registry.get(name) is not t:
-                setattr(m, name, t)
+        for m, kind, name, t in self.tensors:
+            # Read the registries (getattr on a parameter goes through nn.Module.__getattr__'s slow path) and
+            # repair them directly: a deleted buffer is registered again, not set as a plain attribute, and
+            # an instance attribute shadowing the tensor is removed.
+            registry = m.__dict__[kind]
+            if registry.get(name) is not t or name in m.__dict__:
+                registry[name] = t
+                m.__dict__.pop(name, None)
         # Through .data: a copy that bumps no version counter (module docstring).
         if self.tensors:
             torch._foreach_copy_([t.data for *_, t in self.tensors], self.saved)

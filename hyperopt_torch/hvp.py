@@ -40,6 +40,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import has_torch_function
 
 from ._checks import check_scalar, require_graph
 from ._model import LossCall, reaches
@@ -61,12 +62,14 @@ def autograd_grad(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], grad_
     checks) costs about 40 µs a call on a CPU: a fifth of a Hessian-vector
     product on a model of 10³ parameters, and the margin by which betty's
     Neumann beat ours on such models (docs/benchmarks.md, "Small problems").
-    Where every tensor is a plain ``torch.Tensor`` or ``nn.Parameter`` this
-    calls the engine entry point that ``torch.autograd.grad`` ends in
+    Where no tensor overrides ``__torch_function__`` and no
+    ``TorchFunctionMode`` is active (``torch.overrides.has_torch_function``,
+    ``torch.autograd.grad``'s own test for dispatching) this calls the engine
+    entry point that ``torch.autograd.grad`` ends in
     (``torch.autograd.graph._engine_run_backward``, private), with the
     arguments ``torch.autograd.grad`` would pass it.  Otherwise (a tensor
-    subclass, or a torch without that entry point) it calls
-    ``torch.autograd.grad``.  ``grad_outputs`` is required (``torch.ones_like``
+    subclass, a mode, or a torch without that entry point) it calls
+    ``torch.autograd.grad``, which dispatches them.  ``grad_outputs`` is required (``torch.ones_like``
     for a scalar loss), not batched, and must have its output's shape: the
     engine refuses a shape it cannot sum to the output's, but unlike
     ``torch.autograd.grad`` it accepts and sums a broadcastable one (``(1, n)``
@@ -76,21 +79,11 @@ def autograd_grad(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], grad_
     """
     if retain_graph is None:
         retain_graph = create_graph
-    if _ENGINE_RUN_BACKWARD is not None and _plain(outputs) and _plain(inputs) and _plain(grad_outputs):
+    if _ENGINE_RUN_BACKWARD is not None and not has_torch_function(outputs + inputs + grad_outputs):
         return _ENGINE_RUN_BACKWARD(outputs, grad_outputs, retain_graph, create_graph, inputs, True,
                                     accumulate_grad=False)
     return torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph,
                                create_graph=create_graph, allow_unused=True)
-
-
-_PLAIN = (Tensor, nn.Parameter)
-
-
-def _plain(tensors: tuple) -> bool:
-    for t in tensors:
-        if type(t) not in _PLAIN:
-            return False
-    return True
 
 
 def _sync(device: torch.device) -> None:
@@ -111,12 +104,12 @@ def flatten(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
 
 def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Split ``vec`` of shape ``(..., p)`` into views shaped ``(..., *t.shape)`` for each ``t`` in ``like``."""
-    lead = vec.shape[:-1]
+    lead = tuple(vec.shape[:-1])  # shapes as tuples: reshape(*()) of a 0-dim parameter's piece would fail
     if len(like) == 1:
-        return [vec.reshape(*lead, *like[0].shape)]
+        return [vec.reshape(lead + tuple(like[0].shape))]
     # torch.split_with_sizes, not torch.split: the latter's Python wrapper costs ~10 µs per call
     pieces = torch.split_with_sizes(vec, [t.numel() for t in like], dim=-1)
-    return [piece.reshape(*lead, *t.shape) for piece, t in zip(pieces, like)]
+    return [piece.reshape(lead + tuple(t.shape)) for piece, t in zip(pieces, like)]
 
 
 class HessianVectorProduct:
@@ -200,7 +193,8 @@ class HessianVectorProduct:
             # backward of that concatenation (C++), not in Python at every product (~10 µs, 3-7 %
             # of a product on a model of 10² to 10³ parameters; docs/benchmarks.md).
             if not flat:
-                with torch.enable_grad():  # the solvers call products under no_grad
+                # the solvers call products under no_grad; a caller may be in inference mode
+                with torch.inference_mode(False), torch.enable_grad():
                     flat.append(torch.cat([g.reshape(-1) for g in outputs]) if len(outputs) > 1
                                 else outputs[0].reshape(-1))
             return autograd_grad((flat[0],), inputs, (v,), retain_graph=True)
@@ -217,6 +211,8 @@ class HessianVectorProduct:
         # The products must not carry a graph of their own (with the func engine
         # they would reach the hyperparameters): a solver's iterates would then keep
         # every earlier product's graph alive and memory would grow with each HVP.
+        if V.shape[-1] != self.numel:  # autograd would sum a vector of another length into a scalar parameter
+            raise ValueError(f"Invalid V: shape {tuple(V.shape)} (expected (B, {self.numel}) or ({self.numel},))")
         if V.dim() == 1:  # CG and Neumann: the per-call overhead matters on small models
             self.calls += 1
             self.strategy = "single"
@@ -320,10 +316,10 @@ class HessianVectorProduct:
             if len(self._sizes) == 1:
                 return [v.reshape(self._shapes[0])]
             return [piece.reshape(shape) for piece, shape in zip(torch.split_with_sizes(v, self._sizes), self._shapes)]
-        lead = v.shape[:-1]
+        lead = tuple(v.shape[:-1])
         if len(self._sizes) == 1:
-            return [v.reshape(*lead, *self._shapes[0])]
-        return [piece.reshape(*lead, *shape)
+            return [v.reshape(lead + self._shapes[0])]
+        return [piece.reshape(lead + shape)
                 for piece, shape in zip(torch.split_with_sizes(v, self._sizes, dim=-1), self._shapes)]
 
     def _write(self, out: Tensor, hv, over_input: bool = False) -> Tensor:

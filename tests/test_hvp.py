@@ -122,6 +122,60 @@ def test_one_vector_products_through_the_flat_gradient_are_the_per_parameter_one
     assert torch.equal(out, v) and out.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
 
 
+def test_first_product_in_inference_mode_leaves_later_products_intact():
+    """The flat gradient is built on first use: inside inference_mode it must still get its graph."""
+    model, X, y = _mlp_problem()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(X), y), params, create_graph=True)
+    hvp = HessianVectorProduct.from_autograd(grads, params)
+    v = torch.randn(hvp.numel, dtype=DT)
+    reference = HessianVectorProduct.from_autograd(grads, params, strategy="loop")(v[None])[0]
+    with torch.inference_mode():
+        assert torch.equal(hvp(v), reference)
+    assert torch.equal(hvp(v), reference)
+
+
+def test_torch_function_modes_still_see_the_products_autograd_call():
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.autograd.grad:
+                self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    model, X, y = _mlp_problem()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(X), y), params, create_graph=True)
+    hvp = HessianVectorProduct.from_autograd(grads, params)
+    with Record() as mode:
+        hvp(torch.randn(hvp.numel, dtype=DT))
+    assert mode.calls == [torch.autograd.grad]
+
+
+def test_a_vector_of_another_length_is_refused_also_for_one_scalar_parameter():
+    """Autograd would sum a (5,) vector into a 0-dim parameter's product without complaint."""
+    a = torch.tensor(1.5, dtype=DT, requires_grad=True)
+    hvp = HessianVectorProduct.from_autograd(torch.autograd.grad(a**3, [a], create_graph=True), [a])
+    torch.testing.assert_close(hvp(torch.ones(1, dtype=DT)), torch.tensor([9.0], dtype=DT))
+    for V in (torch.ones(5, dtype=DT), torch.ones(2, 5, dtype=DT)):
+        with pytest.raises(ValueError, match=r"Invalid V: shape .* \(expected \(B, 1\) or \(1,\)\)"):
+            hvp(V)
+
+
+def test_unflatten_gives_zero_dim_pieces_for_scalar_parameters():
+    like = [torch.randn(2, 3), torch.tensor(0.5)]
+    v = torch.arange(7.0)
+    pieces = unflatten(v, like)
+    assert pieces[1].shape == () and pieces[1].item() == 6.0
+    assert unflatten(torch.stack([v, v]), like)[1].shape == (2,)
+    assert unflatten(torch.tensor([4.0]), [torch.tensor(1.0)])[0].shape == ()
+
+
 def test_unused_parameter_has_zero_hessian_rows():
     a = torch.randn(3, dtype=DT, requires_grad=True)
     unused = torch.randn(2, dtype=DT, requires_grad=True)

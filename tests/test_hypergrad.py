@@ -562,6 +562,66 @@ def test_reassigned_buffer_is_put_back_as_the_original_object(engine):
     assert dict(model.named_buffers())["mean"] is original
 
 
+class _Shadowing(nn.Module):
+    """A loss that deletes a buffer, and one that shadows a parameter with an instance attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1).to(DT)
+        self.register_buffer("scale", torch.ones(1, dtype=DT))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+def test_deleted_buffer_and_shadowed_parameter_are_registered_again(engine):
+    torch.manual_seed(0)
+    model = _Shadowing()
+    x = torch.randn(20, 3, dtype=DT)
+    decay = torch.zeros(1, dtype=DT, requires_grad=True)
+    scale, weight = model.scale, model.lin.weight
+
+    def val(m):
+        out = m(x + 1).mean()
+        del m.scale  # gone from the registry: a plain setattr would not make it a buffer again
+        object.__setattr__(m.lin, "weight", torch.zeros(1, 3, dtype=DT))  # shadows the registered parameter
+        return out
+
+    train = lambda m: m(x).pow(2).mean() + decay.exp() * (m.lin.weight ** 2).sum()
+    implicit_hypergradient([decay], train, val, model, Exact(), engine=engine)
+    assert dict(model.named_buffers())["scale"] is scale and model.scale is scale
+    assert model.lin.weight is weight and "weight" not in model.lin.__dict__
+    assert set(model.state_dict()) == {"scale", "lin.weight", "lin.bias"}
+
+
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+@pytest.mark.parametrize("ihvp", ["exact", "cg", "nystrom"])
+def test_a_zero_dim_parameter_gets_the_dense_hypergradient(engine, ihvp):
+    """A scalar bias (a 0-dim nn.Parameter) has a piece of shape () in every flat vector."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1).to(DT)
+    model.bias = nn.Parameter(torch.tensor(0.3, dtype=DT))
+    X, y, Xv, yv = torch.randn(30, 4, dtype=DT), torch.randn(30, dtype=DT), torch.randn(30, 4, dtype=DT), torch.randn(30, dtype=DT)
+    phi = torch.tensor([-1.0, -2.0], dtype=DT, requires_grad=True)
+    predict = lambda m, A: A @ m.weight[0] + m.bias
+    train = lambda m: ((predict(m, X) - y) ** 2).mean() + phi[0].exp() * (m.weight**2).sum() + phi[1].exp() * m.bias**2
+    val = lambda m: ((predict(m, Xv) - yv) ** 2).mean()
+    solver = {"exact": Exact(), "cg": ConjugateGradient(iters=20), "nystrom": Nystrom(rank=5, rho=1e-12)}[ihvp]
+    got = implicit_hypergradient([phi], train, val, model, solver, engine=engine).grads[0]
+    # Dense: θ = (w, c), H = 2/n [A 1]ᵀ[A 1] + 2 diag(e^φ0, ..., e^φ1), ∂²f/∂φ∂θ = 2 diag(e^φ) θ per block
+    A = torch.cat([X, torch.ones(30, 1, dtype=DT)], 1)
+    Av = torch.cat([Xv, torch.ones(30, 1, dtype=DT)], 1)
+    theta = torch.cat([model.weight.detach()[0], model.bias.detach()[None]])
+    d = torch.cat([phi[0].exp().expand(4), phi[1].exp()[None]]).detach()
+    H = 2 / 30 * A.T @ A + 2 * torch.diag(d)
+    gv = 2 / 30 * Av.T @ (Av @ theta - yv)
+    x = torch.linalg.solve(H, gv)
+    mixed = 2 * d * theta * x
+    exact = -torch.stack([mixed[:4].sum(), mixed[4]])
+    assert rel(got, exact) < 1e-8
+
+
 @pytest.mark.parametrize("engine", ["func", "autograd"])
 @pytest.mark.parametrize("which", ["train", "val"])
 def test_loss_calling_backward_is_refused_with_every_grad_untouched(ridge, engine, which):
