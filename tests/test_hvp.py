@@ -33,9 +33,18 @@ def _graph():
     return loss, (w, c, unused)
 
 
-def test_autograd_grad_is_torch_autograd_grad_bit_for_bit():
-    """The engine fast path gives the very numbers, the Nones and the graphs torch.autograd.grad gives."""
+@pytest.mark.parametrize("debug_log", [False, True])
+def test_autograd_grad_is_torch_autograd_grad_bit_for_bit(debug_log, monkeypatch, request):
+    """The engine fast paths give the very numbers, the Nones and the graphs torch.autograd.grad gives: the
+    direct engine call on a CPU, and torch's entry point when autograd's debug logging wants its hooks."""
+    import logging
+
     assert hvp_module._ENGINE_RUN_BACKWARD is not None, "this torch lacks the engine entry point: products are slower"
+    if debug_log:
+        monkeypatch.setattr(hvp_module, "_ENGINE", None)  # must not be reached: the entry point adds the log hooks
+        log = hvp_module._GRAPH_LOG
+        request.addfinalizer(lambda level=log.level: log.setLevel(level))  # setLevel also clears logging's cache
+        log.setLevel(logging.DEBUG)
     loss, leaves = _graph()
     ones = torch.ones_like(loss)
     ours = hvp_module.autograd_grad((loss,), leaves, (ones,), create_graph=True)
