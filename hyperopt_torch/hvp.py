@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -45,6 +44,7 @@ from torch.overrides import has_torch_function
 
 from ._checks import check_scalar, require_graph
 from ._model import LossCall, reaches
+from ._warn import warn
 ENGINES = ("func", "autograd")
 _ENGINE_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
 """The autograd engine's entry point behind ``torch.autograd.grad`` (private; ``None`` if a torch lacks it)."""
@@ -457,7 +457,6 @@ def training_hvp(
     except RuntimeError as error:  # possibly a limitation of the transform: confirmed below by a plain call
         reason = f"torch.func could not transform train_loss_fn ({type(error).__name__}: {error})"
     result = _autograd_hvp(loss_fn, model, params)
-    warnings.warn(f"{reason}; falling back to engine='autograd' (slower on most models; train_loss_fn was "
-                  "called a second time for this step). Pass engine='autograd' to silence this.",
-                  UserWarning, stacklevel=3)
+    warn(f"{reason}; falling back to engine='autograd' (slower on most models; train_loss_fn was "
+         "called a second time for this step). Pass engine='autograd' to silence this.", UserWarning)
     return result

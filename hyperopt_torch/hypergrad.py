@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from ._checks import check_hparams, check_model, check_scalar, require_graph
 from ._model import ModelSnapshot, modules_of
+from ._warn import warn
 from .distributed import data_parallel
 from .hvp import ENGINES, autograd_grad, flatten, training_hvp
 from .ihvp import Solver, make_solver, run_solver
@@ -270,11 +270,11 @@ def implicit_hypergradient(
         negative_curvature=bool(negative),
     )
     if info.negative_curvature:
-        warnings.warn(
+        warn(
             f"{info.solver} met negative curvature dᵀ(H + ρI)d < 0 and stopped there (truncated Newton): "
             "the training Hessian is not positive definite at these parameters. The result was applied; raise "
             "rho above the most negative eigenvalue, or train the inner model closer to a minimum.",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning,
         )
     return Hypergradient(grads, info)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ._checks import check_hparams
+from ._warn import warn
 from .hvp import ENGINES
 from .hypergrad import HypergradInfo, Hypergradient, LossFn, implicit_hypergradient
 from .ihvp import RESULT_NEUTRAL, SOLVER_SETTINGS, Solver, make_solver, solver_config
@@ -331,7 +331,7 @@ class HyperOptimizer(Optimizer):
             )
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warn(message, RuntimeWarning)
         return result
 
     def accumulate(self, train_loss_fn: LossFn, val_loss_fn: LossFn, model: nn.Module) -> HypergradInfo:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from hyperopt_torch import ConjugateGradient, Exact, HyperOptimizer, Neumann, Nystrom
+from hyperopt_torch import ConjugateGradient, Exact, HyperOptimizer, Neumann, Nystrom, implicit_hypergradient
 
 DT = torch.float64
 
@@ -550,3 +550,25 @@ def test_load_state_dict_is_all_or_nothing_and_checks_the_base_optimizer(ridge):
     sgd = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Nystrom(rank=4), lr=0.01)
     with pytest.raises(ValueError, match="written with base=Adam, this optimizer's base is SGD"):
         sgd.load_state_dict(good)
+
+
+def test_warnings_point_at_the_callers_line_whichever_way_the_step_was_called(ridge):
+    """Negative curvature, a skipped step and an engine fallback are reported at the user's call, not at a line of
+    the library (a fixed stacklevel was right for one call path only)."""
+    concave = lambda m: ridge.train_loss(m) - 100 * (m.weight**2).sum()  # an indefinite Hessian: CG stops
+    weight = ridge.model.weight
+    captured = lambda m: ridge.train_loss(m) + 0.25 * (ridge.phi.exp() * weight[0] ** 2).sum()  # func falls back
+    cases = [
+        (concave, HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=ConjugateGradient(iters=3), lr=0.0)),
+        (_nan_train(ridge), HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Nystrom(4, 0.1), lr=0.0)),
+        (captured, HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="identity", lr=0.0)),
+    ]
+    for train, hopt in cases:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hopt.step(train, ridge.val_loss, ridge.model)
+        assert caught and all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        implicit_hypergradient([ridge.phi], concave, ridge.val_loss, ridge.model, ConjugateGradient(iters=3))
+    assert caught and all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
