@@ -283,7 +283,7 @@ def theorem1(seeds: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = common.parser(__doc__.splitlines()[0], "benchmarks.accuracy")
+    p = common.parser(__doc__.splitlines()[0], "benchmarks.accuracy", full=True)
     p.add_argument("--costs", type=int, nargs="+", default=None,
                    help="iterations / ranks / unrolled steps to sweep (default 1 2 5 10 20 40 60 100 200)")
     p.add_argument("--seeds", type=int, default=None, help="random sketches averaged per Nyström point (default 3, --full 10)")

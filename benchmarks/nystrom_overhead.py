@@ -160,7 +160,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.nystrom_overhead", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/nystrom_overhead", help="output directory (JSON + PNG)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--model", choices=("lenet", *speed_memory.MODELS[1:]), default="lenet",
                         help="lenet: per-weight decay (Lorraine et al.); wrn, wrn16, mlp: data reweighting "
                              "with a Meta-Weight-Net (benchmarks.speed_memory)")

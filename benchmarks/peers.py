@@ -40,7 +40,7 @@ per call, interleaved rounds, median and interquartile range of ``--repeats``.
 The peers are an optional extra (``pip install --no-deps torchopt betty-ml``
 and their small dependencies): a missing peer is reported and skipped.
 
-    python -m benchmarks.peers --threads 1 --repeats 15 --out results/peers
+    python -m benchmarks.peers --threads 1 --repeats 41 --out results/peers
 """
 
 from __future__ import annotations
@@ -220,10 +220,10 @@ def relative_difference(a: list[Tensor], b: list[Tensor]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = common.parser(__doc__.splitlines()[0], "benchmarks.peers")
+    p = common.parser(__doc__.splitlines()[0], "benchmarks.peers", device=False)
     p.add_argument("--problems", default=",".join(PROBLEMS), help=f"comma-separated subset of {','.join(PROBLEMS)}")
     p.add_argument("--iters", type=int, default=10, help="CG / Neumann iterations l")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per method first")
     p.add_argument("--repeats", type=int, default=15, help="interleaved timed calls per method (median reported)")
     args = p.parse_args(argv)
     common.apply_threads(args.threads)

@@ -87,7 +87,7 @@ def compare(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rho", type=float, default=0.01)
+    parser.add_argument("--rho", type=float, default=0.01, help="damping ρ of the Nyström, exact and CG solves")
     args = parser.parse_args()
     torch.set_num_threads(1)
     problem = logistic_problem()

@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 40], help="ranks k (= CG iterations) on LeNet")
     p.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024], help="MLP hidden widths")
     p.add_argument("--rank", type=int, default=10, help="k (= CG iterations) on the MLP curve")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--batch", type=int, default=128, help="examples per loss evaluation")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per configuration first")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved timed calls per configuration (median reported)")
     p.add_argument("--clock", choices=("process", "wall"), default=None,
                    help="CPU time of the process (default on CPU) or wall time (default on CUDA)")
     args = p.parse_args(argv)

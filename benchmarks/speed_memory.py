@@ -192,7 +192,7 @@ def _run_child(spec: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = common.parser(__doc__.splitlines()[0], "benchmarks.speed_memory")
+    p = common.parser(__doc__.splitlines()[0], "benchmarks.speed_memory", full=True)
     add_flags(p)
     args = p.parse_args(argv)
     if args.child is not None:

@@ -100,9 +100,9 @@ def test_chunk_auto_reads_this_machines_free_memory_and_lands_in_diagnostics():
     assert info.chunk == 3 and "chunk='auto'" in info.solver
 
 
-@pytest.mark.parametrize("chunk", ["automatic", 0, 9])
-def test_invalid_chunk_names_the_argument(chunk):
-    with pytest.raises(ValueError, match="Invalid chunk"):
+@pytest.mark.parametrize("chunk", ["automatic", 0, 9, 2.0, True])
+def test_invalid_chunk_names_the_argument_and_every_accepted_value(chunk):
+    with pytest.raises(ValueError, match=r"Invalid chunk: .* \(expected an integer 1 <= chunk <= rank = 8, None or 'auto'\)"):
         Nystrom(rank=8, chunk=chunk)
 
 

@@ -237,6 +237,8 @@ def test_runs_on_the_model_device():
         (dict(ihvp="cg", rank=3), ValueError, "rank does not apply"),
         (dict(ihvp=Nystrom(), rank=3), ValueError, "set them on the object"),
         (dict(base=torch.nn.Linear), TypeError, "base must be a torch.optim.Optimizer subclass"),
+        (dict(base=torch.optim.Adam([torch.zeros(1, requires_grad=True)])), TypeError,
+         r"not an instance: pass base=torch.optim.Adam and its settings as keywords"),
         (dict(on_nonfinite="ignore"), ValueError, "on_nonfinite"),
         (dict(lr=-1.0), ValueError, "Invalid learning rate"),
     ],

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ._base import Matvec, Solution, Solver, matvec_inplace, run_solver
 from .cg import ConjugateGradient, cg_solve
-from .exact import Exact, exact_solve
+from .exact import Exact, exact_memory, exact_solve
 from .identity import Identity, identity_solve
 from .neumann import Neumann, neumann_solve
 from .nystrom import Nystrom, nystrom_from_sketch, nystrom_sketch, nystrom_solve, sample_columns
@@ -82,5 +82,5 @@ __all__ = [
     "solver_config",
     "Nystrom", "ConjugateGradient", "Neumann", "Identity", "Exact",
     "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "neumann_solve", "identity_solve", "exact_solve",
-    "sample_columns",
+    "sample_columns", "exact_memory",
 ]

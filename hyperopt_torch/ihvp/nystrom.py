@@ -507,9 +507,10 @@ class Nystrom:
         self.rank = positive_int("rank", rank)
         self.rho = positive_float("rho", rho)
         if chunk is not None and chunk != "auto":
-            chunk = positive_int("chunk", chunk)
-            if chunk > self.rank:
-                raise ValueError(f"Invalid chunk: {chunk} (expected 1 <= chunk <= rank = {self.rank}, None or 'auto')")
+            if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or not 1 <= chunk <= self.rank:
+                raise ValueError(f"Invalid chunk: {chunk!r} (expected an integer 1 <= chunk <= rank = {self.rank}, "
+                                 "None or 'auto')")
+            chunk = int(chunk)
         self.chunk = chunk
         self.last_chunk: int | None = None
         if sketch not in SKETCHES:
