@@ -169,7 +169,7 @@ def _test_matrix(sketch: str, p: int, k: int, b: Tensor, generator: torch.Genera
 _SLAB = 1 << 14  # elements of p per float64 slab: the Gram temporaries stay O(κ · 2¹⁴)
 
 
-def _gram(A: Tensor, B: Tensor) -> Tensor:
+def _gram(A: Tensor, B: Tensor, extra: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """``A Bᵀ`` in float64 for ``A`` ``(m, p)`` and ``B`` ``(n, p)`` of any float dtype; returns ``(m, n)``.
 
     Accumulated over slabs of ``p`` so that no float64 copy of a whole block is
@@ -178,58 +178,26 @@ def _gram(A: Tensor, B: Tensor) -> Tensor:
     slabs are converted into one reused float64 buffer per operand, of 2¹⁴
     columns: a fresh conversion per slab allocated (and page-faulted) a
     megabytes-sized tensor each time, which cost more than the products
-    (129 against 46 ms for a 10 × 1.86M Gram on one CPU thread).  ``B is A``
-    is :func:`_gram_symmetric`.
+    (129 against 46 ms for a 10 × 1.86M Gram on one CPU thread).  With
+    ``extra`` ``(p,)`` also returns ``A extra`` (shape ``(m,)``) from the
+    same pass, each slab of ``A`` converted once.
     """
-    if B is A:
-        return _gram_symmetric(A)
     m, p = A.shape
+    same = A is B
     out = torch.zeros(m, B.shape[0], dtype=torch.float64, device=A.device)
+    more = None if extra is None else torch.zeros(m, dtype=torch.float64, device=A.device)
     slab = max(1, min(_SLAB, p))
     a_buf = A.new_empty(m, slab, dtype=torch.float64)
-    b_buf = B.new_empty(B.shape[0], slab, dtype=torch.float64)
+    b_buf = None if same else B.new_empty(B.shape[0], slab, dtype=torch.float64)
+    e_buf = None if extra is None else extra.new_empty(slab, dtype=torch.float64)
     for s in range(0, p, slab):
         w = min(slab, p - s)
-        out.addmm_(a_buf[:, :w].copy_(A[:, s : s + w]), b_buf[:, :w].copy_(B[:, s : s + w]).T)
-    return out
-
-
-def _gram_symmetric(A: Tensor, extra: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """``A Aᵀ`` in float64 over slabs as :func:`_gram` does, computing one triangle of blocks; with ``extra``
-    ``(p,)`` returns ``(A Aᵀ, A extra)`` from the same pass.
-
-    The rows are split into a top half ``T`` and a bottom half ``U``: the
-    products are ``T [A; e]ᵀ`` (``G``'s top rows and ``c``'s top entries) and
-    ``U [U; e]ᵀ``; ``U Tᵀ`` is the transpose of a block already computed.
-    With ``extra = e`` appended to the float64 slab as one more row, ``c``
-    comes out of the same two products instead of a separate matrix-vector
-    product.  For ``m = 10`` that is 85 dot products per column of ``p``
-    instead of 110: the Gram took 13 % less time on a 10 × 1.86M block
-    (the 8.8 % of an MLP step it was, docs/benchmarks.md).
-    """
-    m, p = A.shape
-    rows = m + (extra is not None)
-    h = max(1, m // 2)
-    top = torch.zeros(h, rows, dtype=torch.float64, device=A.device)
-    bottom = torch.zeros(m - h, rows - h, dtype=torch.float64, device=A.device)
-    slab = max(1, min(_SLAB, p))
-    buf = A.new_empty(rows, slab, dtype=torch.float64)
-    for s in range(0, p, slab):
-        w = min(slab, p - s)
-        a = buf[:, :w]
-        a[:m].copy_(A[:, s : s + w])
-        if extra is not None:
-            a[m].copy_(extra[s : s + w])
-        top.addmm_(a[:h], a.T)
-        if m > h:
-            bottom.addmm_(a[h:m], a[h:].T)
-    out = torch.empty(m, m, dtype=torch.float64, device=A.device)
-    out[:h] = top[:, :m]
-    out[h:, h:] = bottom[:, : m - h]
-    out[h:, :h] = top[:, h:m].T
-    if extra is None:
-        return out
-    return out, torch.cat([top[:, m], bottom[:, m - h]])
+        a = a_buf[:, :w].copy_(A[:, s : s + w])
+        b = a if same else b_buf[:, :w].copy_(B[:, s : s + w])
+        out.addmm_(a, b.T)
+        if more is not None:
+            more.addmv_(a, e_buf[:w].copy_(extra[s : s + w]))
+    return out if more is None else (out, more)
 
 
 def nystrom_sketch(
@@ -289,7 +257,7 @@ def nystrom_sketch(
     Ya = column_block(0)
     for t, a in enumerate(anchors):
         a0, a1 = blocks[a]
-        G[a0:a1, a0:a1], c[a0:a1] = _gram_symmetric(Ya, extra=b)
+        G[a0:a1, a0:a1], c[a0:a1] = _gram(Ya, Ya, extra=b)
         W[a0:a1, a0:a1] = project(a0, a1, Ya)
         for bi in reversed(anchors[t + 1 :]):
             b0, b1 = blocks[bi]
