@@ -40,22 +40,30 @@ __all__ = [
     "child_peak_rss", "cpu_peak_memory", "write_results", "save_figure",
 ]
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` appends each flag's default, except ``None``/``False`` ones, whose help says what they mean."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser(description: str, module: str, full: bool = False, device: bool = True) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with the flags every benchmark takes; ``module`` names it in the usage line.
 
     ``--full`` and ``--device`` only where the benchmark uses them (``full``, ``device``); ``--help`` shows
     every default.
     """
-    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description, formatter_class=_ShowDefaults)
     p.add_argument("--out", type=Path, default=Path("benchmark-results"), help="directory for the JSON and PNG files")
     if device:
-        p.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+        p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     if full:
         p.add_argument("--full", action="store_true", help="paper-sized run (slow on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problem's data and of the randomized solvers")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (None: torch's choice); 1 avoids the large slowdowns of "
+                   help="torch CPU threads (default: torch's choice); 1 avoids the large slowdowns of "
                         "oversubscribed cores when other processes share the machine")
     return p
 

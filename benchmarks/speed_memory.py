@@ -14,6 +14,8 @@ Methods, each at l or k ∈ ``--ls``/``--ks`` (paper: 5, 10, 20):
 * ``nystrom_mid``: Nyström κ = ⌊k/2⌋ (Algorithm 1), where that differs from 1 and k;
 * ``nystrom_space``: Nyström κ = 1 (Eq. 9);
 * ``nystrom_gaussian``: Nyström κ = k with a Gaussian test matrix;
+* ``nystrom_auto``: Nyström with ``chunk="auto"`` (the largest κ that fits the free memory; the κ
+  chosen is recorded as ``chunk_used``).  Not in the default ``--methods``: on a CPU it picks κ = k;
 * ``identity``: H⁻¹ ≈ I (one point);
 * ``unrolled``: reverse-mode through T = l SGD steps (lr 0.1), full back-propagation;
 * ``unrolled_truncated``: T = max(l) steps, back-propagating through the last min(l).
@@ -54,7 +56,8 @@ PAPER_WRN28_2 = {
     "nystrom_space": {"seconds": {5: 3.11, 10: 10.7, 20: 41.0}, "gb": {5: 1.94, 10: 1.94, 20: 1.94}},
 }
 FAMILIES = ("cg", "neumann", "nystrom_time", "nystrom_mid", "nystrom_space", "nystrom_gaussian",
-            "identity", "unrolled", "unrolled_truncated")
+            "identity", "unrolled", "unrolled_truncated", "nystrom_auto")
+DEFAULT_FAMILIES = FAMILIES[:-1]
 RHO, ALPHA, INNER_LR = 0.01, 0.01, 0.1
 
 
@@ -122,6 +125,7 @@ def method_configs(ls: list[int], ks: list[int], families: tuple[str, ...]) -> l
             cfgs.append({"family": "nystrom_mid", "param": k, "kappa": k // 2, "label": f"Nyström k={k} κ={k // 2}"})
         cfgs.append({"family": "nystrom_space", "param": k, "kappa": 1, "label": f"Nyström k={k} κ=1"})
         cfgs.append({"family": "nystrom_gaussian", "param": k, "kappa": k, "label": f"Nyström-Gauss k={k}"})
+        cfgs.append({"family": "nystrom_auto", "param": k, "kappa": "auto", "label": f"Nyström k={k} κ=auto"})
     cfgs.append({"family": "identity", "param": 0, "label": "Identity"})
     if max(ls) > min(ls):
         cfgs.append({"family": "unrolled_truncated", "param": max(ls), "truncate": min(ls),
@@ -150,7 +154,9 @@ def make_call(cfg: dict, problem: Problem, seed: int) -> Callable[[], int]:
     generator = torch.Generator().manual_seed(seed)
 
     def call() -> int:
-        return implicit_hypergradient(*args, ihvp=solver, generator=generator).info.hvps
+        info = implicit_hypergradient(*args, ihvp=solver, generator=generator).info
+        call.chunk = info.chunk  # the κ used: what chunk="auto" chose
+        return info.hvps
 
     return call
 
@@ -162,7 +168,7 @@ def add_flags(p) -> None:
     p.add_argument("--batch", type=int, default=None, help="examples per batch (default 128)")
     p.add_argument("--ls", type=int, nargs="+", default=[5, 10, 20], help="CG/Neumann iterations and unrolled steps")
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20], help="Nyström ranks")
-    p.add_argument("--methods", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per method (default 2, --full 10)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 5, --full 10)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -217,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = []
     for cfg in cfgs:
-        row = {**cfg, "hvps": hvps[cfg["label"]], **common.summarise(times[cfg["label"]])}
+        row = {**cfg, "hvps": hvps[cfg["label"]], "chunk_used": getattr(calls[cfg["label"]], "chunk", None),
+               **common.summarise(times[cfg["label"]])}
         if not args.no_memory:
             if device.type == "cuda":
                 row.update(common.cuda_peak_memory(calls[cfg["label"]], device))
@@ -270,7 +277,8 @@ def markdown_table(data: dict) -> str:
     head = "| method | HVPs | median s | ratio to CG | paper ratio |" + (" peak GB | extra GB | ratio to CG | paper ratio |" if mem else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in data["results"]:
-        cells = [r["label"], str(r["hvps"]), f"{r['seconds_median']:.3g}", _fmt(r.get("time_ratio")), _fmt(r.get("paper_time_ratio"))]
+        label = r["label"] + (f" (chose κ={r['chunk_used']})" if r["family"] == "nystrom_auto" else "")
+        cells = [label, str(r["hvps"]), f"{r['seconds_median']:.3g}", _fmt(r.get("time_ratio")), _fmt(r.get("paper_time_ratio"))]
         if mem:
             cells += [f"{r['peak_bytes'] / 1e9:.3g}", f"{r['extra_bytes'] / 1e9:.3g}", _fmt(r.get("memory_ratio")), _fmt(r.get("paper_memory_ratio"))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -285,9 +293,10 @@ def _plot(fig, data: dict) -> None:
     mem = data["memory"] is not None
     axes = fig.subplots(1, 2 if mem else 1, squeeze=False)[0]
     styles = {"cg": "o-", "neumann": "s-", "nystrom_time": "^-", "nystrom_mid": "v-", "nystrom_space": "D-",
-              "nystrom_gaussian": "x--", "unrolled": "P-"}
+              "nystrom_gaussian": "x--", "nystrom_auto": "*:", "unrolled": "P-"}
     names = {"cg": "CG (l)", "neumann": "Neumann (l)", "nystrom_time": "Nyström κ=k", "nystrom_mid": "Nyström κ=⌊k/2⌋",
-             "nystrom_space": "Nyström κ=1", "nystrom_gaussian": "Nyström Gaussian κ=k", "unrolled": "unrolled (T=l)"}
+             "nystrom_space": "Nyström κ=1", "nystrom_gaussian": "Nyström Gaussian κ=k",
+             "nystrom_auto": "Nyström κ=auto", "unrolled": "unrolled (T=l)"}
     panels = [("seconds_median", "seconds per hypergradient (median)", 1.0)]
     if mem:
         panels.append(("extra_bytes", "peak memory above model + data (GB)", 1e-9))

@@ -48,12 +48,16 @@ def test_speed_memory_wrn_case_and_truncated_unroll_run_on_cpu(tmp_path):
     speed_memory.main([
         "--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--model", "wrn", "--width", "1", "--batch", "2",
         "--ls", "1", "2", "--ks", "1", "--warmup", "0", "--repeats", "1", "--no-memory",
-        "--methods", "cg,nystrom_time,unrolled_truncated",
+        "--methods", "cg,nystrom_time,unrolled_truncated,nystrom_auto",
     ])
     saved = json.loads((tmp_path / "speed_memory_wrn.json").read_text())
     assert saved["model"] == "wrn-28-1" and saved["memory"] is None
-    assert [r["label"] for r in saved["results"]] == ["CG l=1", "CG l=2", "Nyström k=1 κ=k", "Unrolled T=2 K=1"]
+    assert [r["label"] for r in saved["results"]] == ["CG l=1", "CG l=2", "Nyström k=1 κ=k", "Nyström k=1 κ=auto",
+                                                      "Unrolled T=2 K=1"]
     assert saved["results"][-1]["hvps"] == 1
+    auto = saved["results"][3]
+    assert auto["chunk_used"] == 1 and saved["results"][2]["chunk_used"] == 1 and saved["results"][0]["chunk_used"] is None
+    assert "κ=auto (chose κ=1)" in speed_memory.markdown_table(saved)
 
 
 def test_accuracy_writes_json_and_all_figures(tmp_path):
