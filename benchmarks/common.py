@@ -40,8 +40,9 @@ __all__ = [
     "child_peak_rss", "cpu_peak_memory", "write_results", "save_figure",
 ]
 
-class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` appends each flag's default, except ``None``/``False`` ones, whose help says what they mean."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every benchmark's ``--help``: the description as written, and each flag's default appended, except
+    ``None``/``False`` ones, whose help says what they mean."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False:
@@ -55,7 +56,7 @@ def parser(description: str, module: str, full: bool = False, device: bool = Tru
     ``--full`` and ``--device`` only where the benchmark uses them (``full``, ``device``); ``--help`` shows
     every default.
     """
-    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description, formatter_class=_ShowDefaults)
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmark-results"), help="directory for the JSON and PNG files")
     if device:
         p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")

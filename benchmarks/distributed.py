@@ -25,6 +25,8 @@ from torch import nn
 
 from hyperopt_torch import ConjugateGradient, Exact, HyperOptimizer, Identity, Neumann, Nystrom
 
+from . import common
+
 METHODS = {
     "nystrom k=10": lambda: Nystrom(rank=10, rho=0.01),
     "nystrom k=10 chunk=5": lambda: Nystrom(rank=10, rho=0.01, chunk=5),
@@ -78,7 +80,8 @@ def _rank(rank, world, init, args, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__.split("\n\n")[0],
+                                     formatter_class=common.HelpFormatter)
     parser.add_argument("--world", type=int, default=2, help="gloo ranks")
     parser.add_argument("--dim", type=int, default=784, help="MLP input width")
     parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width")

@@ -9,20 +9,32 @@ precision in float64 by Newton's method.  The same model, data and sketch
 examples, a Hessian ``n`` times larger) is the float32 full-rank case of
 issue 8.
 
+``--sketch-by-k`` measures instead how the Gaussian sketch's error in half
+precision grows as ``k`` approaches ``p`` (docs/methods.md, Nyström): a tanh
+MLP 5-4-3 (``p = 39``) with one log weight decay, in bfloat16 and in float32
+under bfloat16 autocast, each against the float32 hypergradient with the same
+sketch (the Gaussian rows are drawn in float32 for all three), median over
+five seeds, for both sketches.
+
 Usage::
 
-    python -m benchmarks.precision            # the table in docs/methods.md
+    python -m benchmarks.precision                  # the table in docs/methods.md
+    python -m benchmarks.precision --sketch-by-k    # the Gaussian sketch against k
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 from typing import Callable
 
 import torch
 from torch import nn
 
 from hyperopt_torch import ConjugateGradient, Exact, Nystrom, implicit_hypergradient
+
+from . import common
 
 DT = torch.float64
 # name, model dtype, autocast dtype (None: no autocast)
@@ -85,11 +97,56 @@ def compare(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return ((g - ref).norm() / ref.norm()).item(), (g @ ref / (g.norm() * ref.norm())).item()
 
 
+def sketch_by_k(rho: float = 0.01, seeds: int = 5) -> None:
+    """Print the median relative error of a bfloat16 and an autocast Nyström hypergradient against float32's."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    Xv, yv = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    base = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    p = sum(q.numel() for q in base.parameters())
+
+    def hypergradient(dtype: torch.dtype, autocast: bool, sketch: str, k: int, seed: int) -> float:
+        model = copy.deepcopy(base).to(dtype)
+        phi = torch.full((1,), -2.0, dtype=dtype, requires_grad=True)
+
+        def loss(m: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = m(inputs.to(dtype))
+            return nn.functional.cross_entropy(out.float(), targets)
+
+        def train(m: nn.Module) -> torch.Tensor:
+            decay = phi.exp().squeeze().float() * sum((q.float() ** 2).sum() for q in m.parameters())
+            return loss(m, X, y) + decay
+
+        solver = Nystrom(rank=k, rho=rho, sketch=sketch, seed=seed)
+        return implicit_hypergradient([phi], train, lambda m: loss(m, Xv, yv), model, solver).grads[0].double().item()
+
+    print(f"p = {p}; median relative error over {seeds} seeds against float32 with the same sketch")
+    print("| sketch | k | bfloat16 model | float32 + bf16 autocast |")
+    print("|---|---|---|---|")
+    for sketch in ("columns", "gaussian"):
+        for k in (10, p // 2, 25, 30, 35, p - 1, p):
+            cells = []
+            for dtype, autocast in ((torch.bfloat16, False), (torch.float32, True)):
+                errors = []
+                for seed in range(seeds):
+                    ref = hypergradient(torch.float32, False, sketch, k, seed)
+                    errors.append(abs(hypergradient(dtype, autocast, sketch, k, seed) - ref) / abs(ref))
+                cells.append(f"{statistics.median(errors):.2g}")
+            print(f"| {sketch} | {k} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.precision", description=__doc__.split("\n\n")[0],
+                                     formatter_class=common.HelpFormatter)
     parser.add_argument("--rho", type=float, default=0.01, help="damping ρ of the Nyström, exact and CG solves")
+    parser.add_argument("--sketch-by-k", action="store_true",
+                        help="the Gaussian and the columns sketch in half precision as k approaches p")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.sketch_by_k:
+        sketch_by_k(args.rho)
+        return
     problem = logistic_problem()
     solvers = [Nystrom(rank=k, rho=args.rho) for k in (16, 64, 200, 256)] + [Exact(rho=args.rho), ConjugateGradient(30, rho=args.rho)]
     print("| solver | " + " | ".join(name for name, _, _ in PRECISIONS) + " |")

@@ -59,6 +59,7 @@ class ModelSnapshot:
         # than the copies themselves on a small model.
         self.tensors = [(m, kind, name, t) for m in modules
                         for kind in ("_parameters", "_buffers") for name, t in getattr(m, kind).items() if t is not None]
+        self.non_persistent = {(id(m), name) for m in modules for name in getattr(m, "_non_persistent_buffers_set", ())}
         with torch.no_grad():
             self.saved = [t.clone() for *_, t in self.tensors]
         self.grads = [(t, t.grad) for t in [*params, *extra]]
@@ -84,12 +85,19 @@ class ModelSnapshot:
             return
         for m, kind, name, t in self.tensors:
             # Read the registries (getattr on a parameter goes through nn.Module.__getattr__'s slow path) and
-            # repair them directly: a deleted buffer is registered again, not set as a plain attribute, and
-            # an instance attribute shadowing the tensor is removed.
+            # repair them directly: a deleted buffer is registered again (non-persistent if it was), not set
+            # as a plain attribute; the name is taken back from the other registry, the submodules and an
+            # instance attribute shadowing the tensor.
             registry = m.__dict__[kind]
-            if registry.get(name) is not t or name in m.__dict__:
-                registry[name] = t
+            if name not in registry or registry[name] is not t or name in m.__dict__:
+                other = m.__dict__["_buffers" if kind == "_parameters" else "_parameters"]
+                if name in other:
+                    del other[name]
+                m.__dict__["_modules"].pop(name, None)
                 m.__dict__.pop(name, None)
+                registry[name] = t
+                if kind == "_buffers" and (id(m), name) in self.non_persistent:
+                    m._non_persistent_buffers_set.add(name)
         # Through .data: a copy that bumps no version counter (module docstring).
         if self.tensors:
             torch._foreach_copy_([t.data for *_, t in self.tensors], self.saved)

@@ -70,11 +70,11 @@ def autograd_grad(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], grad_
     ``torch.autograd.grad``'s own test for dispatching) this calls the engine
     entry point that ``torch.autograd.grad`` ends in
     (``torch.autograd.graph._engine_run_backward``, private), with the
-    arguments ``torch.autograd.grad`` would pass it; with every input in host
-    memory (and autograd's debug logging off) it calls the C++ engine that
-    entry point wraps directly, since the context the entry point copies for
-    the device threads has no use where the backward runs on the calling
-    thread.  Otherwise (a tensor subclass, a mode, or a torch without that
+    arguments ``torch.autograd.grad`` would pass it; in a process without
+    CUDA tensors, with every output and input in host memory (and autograd's
+    debug logging off), it calls the C++ engine that entry point wraps
+    directly, since the context the entry point copies for the device threads
+    has no use where the whole backward runs on the calling thread.  Otherwise (a tensor subclass, a mode, or a torch without that
     entry point) it calls ``torch.autograd.grad``, which dispatches them.
     ``grad_outputs`` is required (``torch.ones_like`` for a scalar loss), not
     batched, and must have its output's shape: the
@@ -87,10 +87,12 @@ def autograd_grad(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], grad_
     if retain_graph is None:
         retain_graph = create_graph
     if _ENGINE_RUN_BACKWARD is not None and not has_torch_function(outputs + inputs + grad_outputs):
-        if all(t.is_cpu for t in inputs) and not _GRAPH_LOG.isEnabledFor(logging.DEBUG):
-            # On a CPU the engine runs the whole backward on this thread, so the entry point's copy of
-            # the context for the device threads (and its debug-logging hooks, off) has nothing to do:
-            # ~15 µs, a tenth of a product at p ≈ 10².
+        if not torch.cuda.is_initialized() and all(t.is_cpu for t in outputs + inputs) \
+                and not _GRAPH_LOG.isEnabledFor(logging.DEBUG):
+            # With no CUDA tensor in the process the engine runs the whole backward on this thread, so
+            # the entry point's copy of the context for the device threads (and its debug-logging hooks,
+            # off) has nothing to do: ~15 µs, a tenth of a product at p ≈ 10².  (CPU outputs and inputs
+            # alone would not do: a CPU hparam can reach a graph computed on a GPU.)
             return _ENGINE.run_backward(outputs, grad_outputs, retain_graph, create_graph, inputs, True, False)
         return _ENGINE_RUN_BACKWARD(outputs, grad_outputs, retain_graph, create_graph, inputs, True,
                                     accumulate_grad=False)
@@ -223,7 +225,7 @@ class HessianVectorProduct:
         # The products must not carry a graph of their own (with the func engine
         # they would reach the hyperparameters): a solver's iterates would then keep
         # every earlier product's graph alive and memory would grow with each HVP.
-        if V.shape[-1] != self.numel:  # autograd would sum a vector of another length into a scalar parameter
+        if V.dim() not in (1, 2) or V.shape[-1] != self.numel:  # autograd would sum a (q,) V into a 0-dim parameter
             raise ValueError(f"Invalid V: shape {tuple(V.shape)} (expected (B, {self.numel}) or ({self.numel},))")
         if V.dim() == 1:  # CG and Neumann: the per-call overhead matters on small models
             self.calls += 1

@@ -42,8 +42,10 @@ def _flat_hparams(groups: list) -> list:
 
 def _check_base(base) -> None:
     if isinstance(base, Optimizer):
+        cls = type(base)
+        name = f"torch.optim.{cls.__name__}" if cls.__module__.startswith("torch.optim") else cls.__qualname__
         raise TypeError(f"base must be an optimizer class such as torch.optim.Adam, not an instance: pass "
-                        f"base=torch.optim.{type(base).__name__} and its settings as keywords (lr=...)")
+                        f"base={name} and its settings as keywords (lr=...)")
     if not (isinstance(base, type) and issubclass(base, Optimizer)):
         raise TypeError(f"base must be a torch.optim.Optimizer subclass such as torch.optim.Adam, got {base!r}")
     if issubclass(base, HyperOptimizer):

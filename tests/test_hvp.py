@@ -171,7 +171,7 @@ def test_a_vector_of_another_length_is_refused_also_for_one_scalar_parameter():
     a = torch.tensor(1.5, dtype=DT, requires_grad=True)
     hvp = HessianVectorProduct.from_autograd(torch.autograd.grad(a**3, [a], create_graph=True), [a])
     torch.testing.assert_close(hvp(torch.ones(1, dtype=DT)), torch.tensor([9.0], dtype=DT))
-    for V in (torch.ones(5, dtype=DT), torch.ones(2, 5, dtype=DT)):
+    for V in (torch.ones(5, dtype=DT), torch.ones(2, 5, dtype=DT), torch.ones((), dtype=DT), torch.ones(2, 3, 1, dtype=DT)):
         with pytest.raises(ValueError, match=r"Invalid V: shape .* \(expected \(B, 1\) or \(1,\)\)"):
             hvp(V)
 

@@ -595,6 +595,42 @@ def test_deleted_buffer_and_shadowed_parameter_are_registered_again(engine):
     assert set(model.state_dict()) == {"scale", "lin.weight", "lin.bias"}
 
 
+class _Registries(nn.Module):
+    """A non-persistent buffer, and a parameter a loss may turn into a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1).to(DT)
+        self.gain = nn.Parameter(torch.ones(1, dtype=DT))
+        self.register_buffer("scale", torch.ones(1, dtype=DT), persistent=False)
+
+    def forward(self, x):
+        return self.lin(x) * self.scale * self.gain
+
+
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+def test_registries_are_repaired_as_they_were(engine):
+    """A deleted non-persistent buffer stays out of the state_dict; a parameter re-registered as a buffer by a
+    loss is a parameter again, and in one registry only."""
+    torch.manual_seed(0)
+    model = _Registries()
+    keys, gain, scale = set(model.state_dict()), model.gain, model.scale
+    x = torch.randn(20, 3, dtype=DT)
+    decay = torch.zeros(1, dtype=DT, requires_grad=True)
+
+    def val(m):
+        out = m(x + 1).mean()
+        del m.scale
+        del m.gain
+        m.register_buffer("gain", torch.zeros(1, dtype=DT))
+        return out
+
+    train = lambda m: m(x).pow(2).mean() + decay.exp() * (m.lin.weight**2).sum()
+    implicit_hypergradient([decay], train, val, model, Exact(), engine=engine)
+    assert set(model.state_dict()) == keys and model.scale is scale and model.gain is gain
+    assert "gain" not in model._buffers and dict(model.named_parameters())["gain"] is gain
+
+
 @pytest.mark.parametrize("engine", ["func", "autograd"])
 @pytest.mark.parametrize("ihvp", ["exact", "cg", "nystrom"])
 def test_a_zero_dim_parameter_gets_the_dense_hypergradient(engine, ihvp):

@@ -574,3 +574,14 @@ def test_warnings_point_at_the_callers_line_whichever_way_the_step_was_called(ri
         warnings.simplefilter("always")
         implicit_hypergradient([ridge.phi], concave, ridge.val_loss, ridge.model, ConjugateGradient(iters=3))
     assert caught and all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
+    # torch calls step on the user's behalf through a scheduler's wrapper and GradScaler.step: skipped as well
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=ConjugateGradient(iters=3), lr=0.0)
+    torch.optim.lr_scheduler.StepLR(hopt, 1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))  # initialises the scale, as an AMP inner step would
+    for call in (lambda: hopt.step(concave, ridge.val_loss, ridge.model),
+                 lambda: scaler.step(hopt, concave, ridge.val_loss, ridge.model)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert caught and all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
