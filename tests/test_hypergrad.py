@@ -562,73 +562,50 @@ def test_reassigned_buffer_is_put_back_as_the_original_object(engine):
     assert dict(model.named_buffers())["mean"] is original
 
 
-class _Shadowing(nn.Module):
-    """A loss that deletes a buffer, and one that shadows a parameter with an instance attribute."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(3, 1).to(DT)
-        self.register_buffer("scale", torch.ones(1, dtype=DT))
-
-    def forward(self, x):
-        return self.lin(x) * self.scale
-
-
-@pytest.mark.parametrize("engine", ["func", "autograd"])
-def test_deleted_buffer_and_shadowed_parameter_are_registered_again(engine):
-    torch.manual_seed(0)
-    model = _Shadowing()
-    x = torch.randn(20, 3, dtype=DT)
-    decay = torch.zeros(1, dtype=DT, requires_grad=True)
-    scale, weight = model.scale, model.lin.weight
-
-    def val(m):
-        out = m(x + 1).mean()
-        del m.scale  # gone from the registry: a plain setattr would not make it a buffer again
-        object.__setattr__(m.lin, "weight", torch.zeros(1, 3, dtype=DT))  # shadows the registered parameter
-        return out
-
-    train = lambda m: m(x).pow(2).mean() + decay.exp() * (m.lin.weight ** 2).sum()
-    implicit_hypergradient([decay], train, val, model, Exact(), engine=engine)
-    assert dict(model.named_buffers())["scale"] is scale and model.scale is scale
-    assert model.lin.weight is weight and "weight" not in model.lin.__dict__
-    assert set(model.state_dict()) == {"scale", "lin.weight", "lin.bias"}
-
-
 class _Registries(nn.Module):
-    """A non-persistent buffer, and a parameter a loss may turn into a buffer."""
+    """Tensors in every registry a loss may tamper with: a persistent and a non-persistent buffer, parameters."""
 
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(3, 1).to(DT)
         self.gain = nn.Parameter(torch.ones(1, dtype=DT))
-        self.register_buffer("scale", torch.ones(1, dtype=DT), persistent=False)
+        self.register_buffer("scale", torch.ones(1, dtype=DT))
+        self.register_buffer("shift", torch.zeros(1, dtype=DT), persistent=False)
 
     def forward(self, x):
-        return self.lin(x) * self.scale * self.gain
+        return self.lin(x) * self.scale * self.gain + self.shift
 
 
 @pytest.mark.parametrize("engine", ["func", "autograd"])
-def test_registries_are_repaired_as_they_were(engine):
-    """A deleted non-persistent buffer stays out of the state_dict; a parameter re-registered as a buffer by a
-    loss is a parameter again, and in one registry only."""
+@pytest.mark.parametrize("tamper", ["delete buffers", "shadow a parameter", "parameter to buffer"])
+def test_registries_are_repaired_as_they_were(engine, tamper):
+    """A deleted buffer is a buffer again (a plain setattr would make it an attribute), a non-persistent one
+    stays out of the state_dict, an instance attribute shadowing a parameter is removed, and a parameter a loss
+    re-registered as a buffer is a parameter again, in one registry only."""
     torch.manual_seed(0)
     model = _Registries()
-    keys, gain, scale = set(model.state_dict()), model.gain, model.scale
+    keys, tensors = set(model.state_dict()), {**dict(model.named_parameters()), **dict(model.named_buffers())}
     x = torch.randn(20, 3, dtype=DT)
     decay = torch.zeros(1, dtype=DT, requires_grad=True)
 
     def val(m):
         out = m(x + 1).mean()
-        del m.scale
-        del m.gain
-        m.register_buffer("gain", torch.zeros(1, dtype=DT))
+        if tamper == "delete buffers":
+            del m.scale, m.shift
+        elif tamper == "shadow a parameter":
+            object.__setattr__(m.lin, "weight", torch.zeros(1, 3, dtype=DT))
+        else:
+            del m.gain
+            m.register_buffer("gain", torch.zeros(1, dtype=DT))
         return out
 
     train = lambda m: m(x).pow(2).mean() + decay.exp() * (m.lin.weight**2).sum()
     implicit_hypergradient([decay], train, val, model, Exact(), engine=engine)
-    assert set(model.state_dict()) == keys and model.scale is scale and model.gain is gain
-    assert "gain" not in model._buffers and dict(model.named_parameters())["gain"] is gain
+    assert set(model.state_dict()) == keys and "weight" not in model.lin.__dict__
+    now = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert now.keys() == tensors.keys() and all(now[n] is t for n, t in tensors.items())
+    assert all(getattr(model, n) is t for n, t in tensors.items() if "." not in n)
+    assert set(model._parameters) == {"gain"} and set(model._buffers) == {"scale", "shift"}
 
 
 @pytest.mark.parametrize("engine", ["func", "autograd"])
