@@ -45,6 +45,7 @@ from torch.overrides import has_torch_function
 from ._checks import check_scalar, require_graph
 from ._model import LossCall, reaches
 from ._warn import warn
+
 ENGINES = ("func", "autograd")
 _ENGINE_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
 """The autograd engine's entry point behind ``torch.autograd.grad`` (private; ``None`` if a torch lacks it)."""
@@ -74,15 +75,17 @@ def autograd_grad(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], grad_
     CUDA tensors, with every output and input in host memory (and autograd's
     debug logging off), it calls the C++ engine that entry point wraps
     directly, since the context the entry point copies for the device threads
-    has no use where the whole backward runs on the calling thread.  Otherwise (a tensor subclass, a mode, or a torch without that
-    entry point) it calls ``torch.autograd.grad``, which dispatches them.
+    has no use where the whole backward runs on the calling thread.
+    Otherwise (a tensor subclass, a mode, or a torch without that entry
+    point) it calls ``torch.autograd.grad``, which dispatches them.
+
     ``grad_outputs`` is required (``torch.ones_like`` for a scalar loss), not
-    batched, and must have its output's shape: the
-    engine refuses a shape it cannot sum to the output's, but unlike
-    ``torch.autograd.grad`` it accepts and sums a broadcastable one (``(1, n)``
-    for ``(n,)``), which the callers here never pass.  Dtypes are cast as
-    there.  ``retain_graph`` defaults to ``create_graph``, as there.  The
-    results are identical either way (``tests/test_hvp.py``).
+    batched, and must have its output's shape: the engine refuses a shape it
+    cannot sum to the output's, but unlike ``torch.autograd.grad`` it accepts
+    and sums a broadcastable one (``(1, n)`` for ``(n,)``), which the callers
+    here never pass.  Dtypes are cast as there.  ``retain_graph`` defaults to
+    ``create_graph``, as there.  The results are identical either way
+    (``tests/test_hvp.py``).
     """
     if retain_graph is None:
         retain_graph = create_graph
@@ -204,7 +207,7 @@ class HessianVectorProduct:
         def flat_backward(v):
             # One product of a flat vector through the gradient concatenated, once, into a flat
             # vector with its graph: the split of v into per-parameter views then happens in the
-            # backward of that concatenation (C++), not in Python at every product (~10 µs, 3-7 %
+            # backward of that concatenation (C++), not in Python at every product (~10 µs, 2-7 %
             # of a product on a model of 10² to 10³ parameters; docs/benchmarks.md).
             if not flat:
                 # the solvers call products under no_grad; a caller may be in inference mode
