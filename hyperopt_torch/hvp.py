@@ -329,10 +329,6 @@ class HessianVectorProduct:
 
     def _pieces(self, v: Tensor) -> list[Tensor]:
         # torch.split_with_sizes, not Tensor.split: the latter's Python wrapper costs ~10 µs per call
-        if v.dim() == 1:  # the solvers' one-vector case: no shape arithmetic per product
-            if len(self._sizes) == 1:
-                return [v.reshape(self._shapes[0])]
-            return [piece.reshape(shape) for piece, shape in zip(torch.split_with_sizes(v, self._sizes), self._shapes)]
         lead = tuple(v.shape[:-1])
         if len(self._sizes) == 1:
             return [v.reshape(lead + self._shapes[0])]
