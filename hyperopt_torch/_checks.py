@@ -12,6 +12,7 @@ import numbers
 from typing import Sequence
 
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 
 def positive_int(name: str, value) -> int:
@@ -78,7 +79,8 @@ def require_graph(loss: Tensor, name: str) -> Tensor:
 
 
 def check_model(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> list[Tensor]:
-    """The model's parameters with ``requires_grad``; ``ValueError`` for none, or for a sparse-gradient embedding.
+    """The model's parameters with ``requires_grad``; ``ValueError`` for none, for a sparse-gradient
+    embedding, or for an uninitialized lazy parameter (``nn.LazyLinear`` before its first forward).
 
     ``nn.Embedding(sparse=True)`` / ``nn.EmbeddingBag(sparse=True)`` produce
     sparse gradients, which autograd cannot differentiate a second time, so no
@@ -102,6 +104,12 @@ def check_model(model: nn.Module, modules: Sequence[nn.Module] | None = None) ->
         for p in module._parameters.values():
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
+                if is_lazy(p):
+                    name = next(n for n, m in model.named_modules() if m is module)
+                    raise ValueError(
+                        f"model.{name or '<root>'} ({type(module).__name__}) has uninitialized lazy parameters: run "
+                        "the model once on a batch before the first step, so that their shapes are known"
+                    )
                 if p.requires_grad:
                     params.append(p)
     if not params:

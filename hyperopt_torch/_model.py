@@ -88,7 +88,14 @@ class ModelSnapshot:
             # repair them directly: a deleted buffer is registered again (non-persistent if it was), not set
             # as a plain attribute; the name is taken back from the other registry, the submodules and an
             # instance attribute shadowing the tensor.
-            registry = m.__dict__[kind]
+            registry = m.__dict__.get(kind)
+            if type(registry) is not dict:
+                # A ScriptModule: its registries live in C++ (a traced one reaches them through
+                # getattr) and take no new names, so putting the original object back is all.
+                registry = getattr(m, kind)
+                if registry[name] is not t:
+                    registry[name] = t
+                continue
             if name not in registry or registry[name] is not t or name in m.__dict__:
                 other = m.__dict__["_buffers" if kind == "_parameters" else "_parameters"]
                 if name in other:

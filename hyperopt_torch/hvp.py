@@ -19,6 +19,8 @@ a Python loop.  Two engines build the graph:
   with fewer than ``FUNC_MIN_PARAMS`` (10⁴) parameters get the autograd
   engine instead (reported as ``engine="autograd"``): there torch.func's
   fixed setup and its per-product overhead cost more than batching saves.
+  So do models containing a ``torch.jit.ScriptModule`` (scripted or traced),
+  whose second derivatives torch.func gets wrong without an error.
 * ``"autograd"``: ``torch.autograd.grad(..., create_graph=True)`` and
   ``is_grads_batched=True``.  Used when torch.func cannot transform the loss
   function (for example one that updates a captured tensor in place), and when the loss reads a parameter it captured
@@ -43,7 +45,7 @@ from torch import Tensor, nn
 from torch.overrides import has_torch_function
 
 from ._checks import check_scalar, require_graph
-from ._model import LossCall, reaches
+from ._model import LossCall, modules_of, reaches
 from ._warn import warn
 
 ENGINES = ("func", "autograd")
@@ -371,6 +373,10 @@ def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
     if sum(p.numel() for p in params) < FUNC_MIN_PARAMS:
         # torch.func's setup (~2 ms) and per-product wrapping cost more than its
         # batching saves on a graph this small (benchmarks/peers.py, docs/benchmarks.md).
+        return _autograd_hvp(loss_fn, model, params)
+    if any(isinstance(m, torch.jit.ScriptModule) for m in modules_of(model)):
+        # TorchScript runs its graph outside torch.func's transforms, which then return
+        # wrong second derivatives without an error (tests/test_hypergrad.py).
         return _autograd_hvp(loss_fn, model, params)
     from torch.func import functional_call, grad_and_value, vjp, vmap
 

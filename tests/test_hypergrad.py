@@ -608,6 +608,47 @@ def test_registries_are_repaired_as_they_were(engine, tamper):
     assert set(model._parameters) == {"gain"} and set(model._buffers) == {"scale", "shift"}
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, still in use
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+@pytest.mark.parametrize("compile", ["script", "trace"])
+def test_a_scripted_or_traced_model_gets_the_eager_hypergradient_and_is_put_back(engine, compile):
+    """A ScriptModule keeps its registries in C++ (a traced one behind getattr): the hypergradient is the eager
+    model's, and a parameter a loss replaces and writes into is the original object, with its value, again."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).to(DT)
+    x, y = torch.randn(20, 4, dtype=DT), torch.randn(20, 1, dtype=DT)
+    model = torch.jit.script(eager) if compile == "script" else torch.jit.trace(eager, x)
+    first = lambda m: getattr(m, "0")  # a traced Sequential takes no m[0]
+    before = [(n, t, t.detach().clone()) for n, t in model.named_parameters()]
+    decay = torch.zeros(1, dtype=DT, requires_grad=True)
+    train = lambda m: ((m(x) - y) ** 2).mean() + decay.exp() * sum((w**2).sum() for w in m.parameters())
+
+    val = lambda m: ((m(x + 1) - y) ** 2).mean()
+
+    def tampering_val(m):
+        with torch.no_grad():
+            first(m).weight.add_(1.0)
+        first(m).bias = nn.Parameter(torch.zeros(3, dtype=DT))
+        return val(m)
+
+    # tiny, but the conftest sends it through torch.func (FUNC_MIN_PARAMS = 0), which gets a ScriptModule wrong
+    result = implicit_hypergradient([decay], train, val, model, Exact(), engine=engine)
+    want = implicit_hypergradient([decay], train, val, eager, Exact()).grads[0]
+    assert rel(result.grads[0], want) < 1e-12 and result.info.engine == "autograd"
+    implicit_hypergradient([decay], train, tampering_val, model, Exact(), engine=engine)
+    after = list(model.named_parameters())
+    assert [n for n, _ in after] == [n for n, *_ in before]
+    assert all(t is t0 and torch.equal(t, v) for (_, t), (_, t0, v) in zip(after, before))
+
+
+def test_an_uninitialized_lazy_module_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 3), nn.LazyLinear(1))
+    decay = torch.zeros(1, requires_grad=True)
+    with pytest.raises(ValueError, match=r"model\.1 \(LazyLinear\) has uninitialized lazy parameters: run the model once"):
+        implicit_hypergradient([decay], lambda m: m(torch.ones(2, 4)).sum() * decay.sum(), lambda m: m(torch.ones(2, 4)).sum(),
+                               model, Exact())
+
+
 @pytest.mark.parametrize("engine", ["func", "autograd"])
 @pytest.mark.parametrize("ihvp", ["exact", "cg", "nystrom"])
 def test_a_zero_dim_parameter_gets_the_dense_hypergradient(engine, ihvp):
