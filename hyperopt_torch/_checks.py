@@ -79,12 +79,14 @@ def require_graph(loss: Tensor, name: str) -> Tensor:
 
 
 def check_model(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> list[Tensor]:
-    """The model's parameters with ``requires_grad``; ``ValueError`` for none, for a sparse-gradient
-    embedding, or for an uninitialized lazy parameter (``nn.LazyLinear`` before its first forward).
+    """The model's parameters with ``requires_grad``; ``ValueError`` for none, for a sparse-gradient or
+    ``scale_grad_by_freq`` embedding, for a complex parameter, or for an uninitialized lazy parameter
+    (``nn.LazyLinear`` before its first forward).
 
     ``nn.Embedding(sparse=True)`` / ``nn.EmbeddingBag(sparse=True)`` produce
     sparse gradients, which autograd cannot differentiate a second time, so no
-    Hessian-vector product exists for them.  ``modules``, if given, is
+    Hessian-vector product exists for them; with ``scale_grad_by_freq=True``
+    PyTorch's second derivatives are wrong without an error (torch 2.13).  ``modules``, if given, is
     ``list(model.modules())`` already walked by the caller.
     """
     if not isinstance(model, nn.Module):
@@ -94,21 +96,39 @@ def check_model(model: nn.Module, modules: Sequence[nn.Module] | None = None) ->
     # the hypergradient's own bookkeeping.  Names are built only for the error message.
     seen: set[int] = set()
     params = []
+
+    def name_of(module: nn.Module) -> str:
+        return "model." + (next(n for n, m in model.named_modules() if m is module) or "<root>")
+
     for module in model.modules() if modules is None else modules:
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and module.weight.requires_grad:
-            name = next(n for n, m in model.named_modules() if m is module)
-            raise ValueError(
-                f"model.{name or '<root>'} is an {type(module).__name__}(sparse=True): its sparse gradients cannot be "
-                "differentiated a second time, which Hessian-vector products need; construct it with sparse=False"
-            )
-        for p in module._parameters.values():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.weight.requires_grad:
+            if module.sparse:
+                raise ValueError(
+                    f"{name_of(module)} is an {type(module).__name__}(sparse=True): its sparse gradients cannot be "
+                    "differentiated a second time, which Hessian-vector products need; construct it with sparse=False"
+                )
+            if module.scale_grad_by_freq:
+                # The double backward of its scaled gradient leaves the scaling out, while the products
+                # that reach its weight through the other parameters' gradients keep it: H is neither
+                # the Hessian of f nor the Jacobian of the scaled gradient, and no error says so.
+                raise ValueError(
+                    f"{name_of(module)} is an {type(module).__name__}(scale_grad_by_freq=True): PyTorch's second "
+                    "derivative of its frequency-scaled gradient is wrong (the scaling is left out), so the "
+                    "Hessian-vector products would be; construct it with scale_grad_by_freq=False"
+                )
+        for key, p in module._parameters.items():
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
                 if is_lazy(p):
-                    name = next(n for n, m in model.named_modules() if m is module)
                     raise ValueError(
-                        f"model.{name or '<root>'} ({type(module).__name__}) has uninitialized lazy parameters: run "
+                        f"{name_of(module)} ({type(module).__name__}) has uninitialized lazy parameters: run "
                         "the model once on a batch before the first step, so that their shapes are known"
+                    )
+                if p.requires_grad and p.is_complex():
+                    raise ValueError(
+                        f"{name_of(module)}.{key} is a complex parameter ({p.dtype}): the Hessian-vector products and "
+                        "solvers work over real parameters; hold it as a real one (torch.view_as_real) and form the "
+                        "complex value in forward (torch.view_as_complex)"
                     )
                 if p.requires_grad:
                     params.append(p)

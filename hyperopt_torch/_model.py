@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.weight_norm import WeightNorm
+from torch.overrides import TorchFunctionMode
+
+
+def uncompiled(model):
+    """The module inside ``torch.compile``'s wrapper (``OptimizedModule``, possibly nested), else ``model``.
+
+    Compiled graphs have no double backward (AOTAutograd refuses ``create_graph``,
+    with a message about donated buffers or double backward), so the
+    hypergradients run the original module eagerly: the loss functions receive it.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded once anything was compiled
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
 def modules_of(model: nn.Module) -> list[nn.Module]:
@@ -114,6 +131,79 @@ class ModelSnapshot:
         self.restore(values)
         for t, g in self.grads:
             t.grad = g
+
+
+class _CompositeWeightNorm(TorchFunctionMode):
+    """``torch._weight_norm(v, g, dim)`` computed as its formula ``v · g / ‖v‖`` (norms over every dim but ``dim``).
+
+    For ``dim`` 0 or the last one PyTorch runs a fused kernel whose double backward
+    takes the norms it saved as constants: the second derivatives in ``v`` come out
+    wrong, without an error (torch 2.13, both weight-norm APIs).  The formula's ops
+    have exact second derivatives.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch._weight_norm:
+            v, g, *rest = args
+            dim = rest[0] if rest else (kwargs or {}).get("dim", 0)
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        return func(*args, **(kwargs or {}))
+
+
+class SecondOrder:
+    """``with SecondOrder(modules): loss = train_loss_fn(model)``: a loss whose graph is differentiated twice.
+
+    Works around PyTorch kernels without a correct second derivative, for the call only:
+
+    * ``scaled_dot_product_attention`` (``nn.MultiheadAttention``, transformer
+      layers, custom attention): its fused kernels (flash, on a CPU the default;
+      memory-efficient; cuDNN) have no double backward, so the math kernel alone is
+      enabled (the ``torch.backends.cuda`` flags are process-wide: attention in
+      other threads meanwhile uses it too);
+    * weight norm (``nn.utils.parametrizations.weight_norm``, ``nn.utils.weight_norm``)
+      in one of ``modules``: :class:`_CompositeWeightNorm`.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.mode = _CompositeWeightNorm() if any(
+            isinstance(m, _WeightNorm) or any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())
+            for m in modules) else None
+        self.saved: tuple[bool, ...] | None = None
+
+    def __enter__(self) -> "SecondOrder":
+        flags = _sdp_flags()
+        if flags != _MATH_ONLY:
+            self.saved = flags
+            _set_sdp_flags(_MATH_ONLY)
+        if self.mode is not None:
+            self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(*exc)
+        if self.saved is not None:
+            _set_sdp_flags(self.saved)
+            self.saved = None
+
+
+_MATH_ONLY = (False, False, False, True)
+
+
+def _sdp_flags() -> tuple[bool, ...]:
+    """The (flash, memory-efficient, cuDNN, math) attention-kernel flags.
+
+    Read and set directly: about 2 µs both ways, where ``torch.nn.attention.sdpa_kernel``
+    costs about 27 µs (measured on a shared 2-core CPU box).
+    """
+    b = torch.backends.cuda
+    return b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(), b.math_sdp_enabled()
+
+
+def _set_sdp_flags(flags: tuple[bool, ...]) -> None:
+    b = torch.backends.cuda
+    for enable, on in zip((b.enable_flash_sdp, b.enable_mem_efficient_sdp, b.enable_cudnn_sdp, b.enable_math_sdp), flags):
+        enable(on)
 
 
 class LossCall(nn.Module):

@@ -20,7 +20,9 @@ a Python loop.  Two engines build the graph:
   engine instead (reported as ``engine="autograd"``): there torch.func's
   fixed setup and its per-product overhead cost more than batching saves.
   So do models containing a ``torch.jit.ScriptModule`` (scripted or traced),
-  whose second derivatives torch.func gets wrong without an error.
+  whose second derivatives torch.func gets wrong without an error, and
+  models with a hook on a parameter tensor (``p.register_hook``), which the
+  tensors ``functional_call`` swaps in do not carry.
 * ``"autograd"``: ``torch.autograd.grad(..., create_graph=True)`` and
   ``is_grads_batched=True``.  Used when torch.func cannot transform the loss
   function (for example one that updates a captured tensor in place), and when the loss reads a parameter it captured
@@ -154,8 +156,12 @@ class HessianVectorProduct:
     winner is remembered for the process (:data:`STRATEGY_CACHE`) with its
     timings, so the choice is deterministic given what was measured; the
     measuring runs drop their products and the winner then computes the
-    block (results of all strategies agree to rounding).  ``strategy`` names
-    the last one used (``"single"`` for one vector).
+    block (results of all strategies agree to rounding).  A batched candidate
+    that raises a ``RuntimeError`` (an op without a batching rule for its
+    double backward, e.g. GroupNorm under autograd) is dropped, and a
+    remembered one that raises on another model is replaced by ``"loop"``
+    for that block.  ``strategy`` names the last one used (``"single"`` for
+    one vector).
 
     :meth:`inplace` writes the products over the input block instead of
     allocating an output block (Nyström's sketch no longer needs its input).
@@ -273,7 +279,15 @@ class HessianVectorProduct:
                 STRATEGY_CACHE[key] = self._measure(V)
                 choice = STRATEGY_CACHE[key]["strategy"]
             self.strategy = choice
-            return self._block(V, choice, out)
+            try:
+                return self._block(V, choice, out)
+            except RuntimeError as error:
+                # A layout's choice also serves other models; one of them may have an op whose double
+                # backward has no batching rule (below).  A failed batched product wrote nothing.
+                if choice == "loop" or self.forced or isinstance(error, torch.cuda.OutOfMemoryError):
+                    raise
+                self.strategy = "loop"
+                return self._block(V, "loop", out)
 
     def _measure(self, V: Tensor) -> dict:
         """Run every candidate once (warm-up), then time each three times, interleaved; return
@@ -284,17 +298,27 @@ class HessianVectorProduct:
         of the winner that follows.
         """
         names = self.candidates(V.shape[0])
+        usable = []
         for name in names:
-            self._block(V, name, None)
+            try:
+                self._block(V, name, None)
+            except RuntimeError as error:
+                # Some double backwards have no batching rule and fail batched with an unrelated
+                # message (GroupNorm's under is_grads_batched on torch 2.13: a shape mismatch); a
+                # loop of single products always works, so only its failure is the user's.
+                if name == "loop" or isinstance(error, torch.cuda.OutOfMemoryError):
+                    raise
+                continue
+            usable.append(name)
         best = {name: float("inf") for name in names}
         for _ in range(3):  # min of three: a wrong choice costs up to 20 % on every later step
-            for name in names:
+            for name in usable:
                 _sync(V.device)
                 start = time.perf_counter()
                 self._block(V, name, None)
                 _sync(V.device)
                 best[name] = min(best[name], time.perf_counter() - start)
-        winner = min(names, key=lambda n: (best[n], names.index(n)))
+        winner = min(usable, key=lambda n: (best[n], names.index(n)))
         return {"strategy": winner, "seconds": best}
 
     def _block(self, V: Tensor, strategy: str, out: Tensor | None) -> Tensor | None:
@@ -374,9 +398,12 @@ def _func_hvp(loss_fn, model: nn.Module, params: Sequence[Tensor]):
         # torch.func's setup (~2 ms) and per-product wrapping cost more than its
         # batching saves on a graph this small (benchmarks/peers.py, docs/benchmarks.md).
         return _autograd_hvp(loss_fn, model, params)
-    if any(isinstance(m, torch.jit.ScriptModule) for m in modules_of(model)):
+    if any(isinstance(m, torch.jit.ScriptModule) for m in modules_of(model)) or any(p._backward_hooks for p in params):
         # TorchScript runs its graph outside torch.func's transforms, which then return
-        # wrong second derivatives without an error (tests/test_hypergrad.py).
+        # wrong second derivatives without an error (tests/test_hypergrad.py).  A hook on a
+        # parameter (p.register_hook) changes the gradients autograd takes of that tensor, ∇_θ g
+        # among them; functional_call swaps other tensors in, so torch.func's products would
+        # miss it (tests/test_model_kinds.py).
         return _autograd_hvp(loss_fn, model, params)
     from torch.func import functional_call, grad_and_value, vjp, vmap
 

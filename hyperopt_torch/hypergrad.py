@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_hparams, check_model, check_scalar, require_graph
-from ._model import ModelSnapshot, modules_of
+from ._model import ModelSnapshot, SecondOrder, modules_of, uncompiled
 from ._warn import warn
 from .distributed import data_parallel
 from .hvp import ENGINES, autograd_grad, flatten, training_hvp
@@ -114,7 +114,10 @@ def implicit_hypergradient(
             direct term ``∂g/∂φ``), or only ``val_loss_fn`` (then the direct
             term is their whole hypergradient).
         train_loss_fn: ``model ↦ f``, a scalar tensor with its graph; it must
-            not call ``.backward()`` itself.
+            not call ``.backward()`` itself.  It runs with attention on its
+            math kernel and weight norm computed by its formula, whose second
+            derivatives PyTorch's fused kernels lack or get wrong
+            (:class:`~hyperopt_torch._model.SecondOrder`).
         val_loss_fn: ``model ↦ g``, likewise.
         model: the inner model; θ are its parameters with ``requires_grad``,
             taken at their current values.  Under ``torch.distributed`` (a
@@ -122,7 +125,9 @@ def implicit_hypergradient(
             process group initialised) the result is the hypergradient of the
             mean of the ranks' losses, identical on every rank, and the loss
             functions receive the unwrapped module; see
-            :mod:`hyperopt_torch.distributed`.
+            :mod:`hyperopt_torch.distributed`.  A ``torch.compile`` wrapper
+            is unwrapped too (compiled graphs have no double backward): the
+            loss functions receive the eager module.
         ihvp: a solver object or one of the names accepted by
             :func:`~hyperopt_torch.make_solver` (with its default settings).
         generator: CPU ``torch.Generator`` for randomised solvers (Nyström);
@@ -146,8 +151,10 @@ def implicit_hypergradient(
         TypeError / ValueError: bad hparams, a loss that is not a scalar
             tensor or has no graph (``no_grad``, ``inference_mode``, detached:
             each named), a loss that calls ``.backward()``, hparams on another
-            device than the model, a model without trainable parameters or
-            with a sparse-gradient embedding, or an hparam that enters neither
+            device than the model, a model without trainable parameters, with
+            a complex parameter or with an embedding PyTorch cannot give
+            second derivatives of (``sparse=True``, ``scale_grad_by_freq=True``;
+            :func:`~hyperopt_torch._checks.check_model`), or an hparam that enters neither
             the gradient of the training loss nor the validation loss.  Any
             exception of the loss functions' own propagates.  The model is
             left unchanged.
@@ -168,7 +175,9 @@ def implicit_hypergradient(
     if engine not in ENGINES:
         raise ValueError(f"Invalid engine: {engine!r} (expected one of {ENGINES})")
     solver = make_solver(ihvp) if isinstance(ihvp, str) else ihvp
-    model, comm = data_parallel(model)
+    # torch.compile around DDP or inside it: either way the eager module is differentiated
+    model, comm = data_parallel(uncompiled(model))
+    model = uncompiled(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = modules_of(model)
@@ -189,6 +198,7 @@ def implicit_hypergradient(
 
     start = time.perf_counter()
     snapshot = ModelSnapshot(model, params, hparams, modules)
+    second_order = SecondOrder(modules)
     calls = 0
 
     def train_fn(m: nn.Module) -> Tensor:
@@ -199,7 +209,8 @@ def implicit_hypergradient(
         if calls:
             snapshot.restore()
         calls += 1
-        loss = train_loss_fn(m)
+        with second_order:  # kernels whose second derivatives PyTorch lacks or gets wrong are routed around
+            loss = train_loss_fn(m)
         _refuse_backward(snapshot, len(params), "train_loss_fn")
         return loss
 

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._model import LossCall, ModelSnapshot, reaches
+from ._model import LossCall, ModelSnapshot, SecondOrder, modules_of, reaches, uncompiled
 from ._checks import check_hparams, check_scalar, positive_int, require_graph
 from .hypergrad import LossFn
 
@@ -303,11 +303,14 @@ def unrolled_hypergradient(
             ``train_loss_fn`` (by closure, e.g. a penalty), the optimizer
             (``InnerSGD(lr=φ_lr)``) and ``val_loss_fn``; every path counts.
         train_loss_fn: ``model ↦ f``, called once per step, in order (a
-            closure over a data iterator gives a new batch each step).
+            closure over a data iterator gives a new batch each step), with
+            attention on its math kernel and weight norm computed by its
+            formula (:class:`~hyperopt_torch._model.SecondOrder`).
         val_loss_fn: ``model ↦ g``, called once, at θ_T.
         model: θ are its parameters with ``requires_grad``; inside the loss
             functions they hold θ_t (through ``functional_call``), so the loss
-            functions use ``model`` exactly as in the implicit API.
+            functions use ``model`` exactly as in the implicit API (a
+            ``torch.compile`` wrapper is unwrapped, as there).
         optimizer: the differentiable inner optimizer, e.g. :class:`InnerSGD`
             or :class:`InnerAdam`; any object with
             ``step(params, grads, state) -> (params, state)``
@@ -349,6 +352,7 @@ def unrolled_hypergradient(
     keep = steps if truncate is None else positive_int("truncate", truncate)
     if keep > steps:
         raise ValueError(f"Invalid truncate: {truncate} (expected 1 <= truncate <= steps = {steps}, or None)")
+    model = uncompiled(model)  # compiled graphs have no double backward
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no parameters with requires_grad=True: there is nothing to unroll")
@@ -369,7 +373,9 @@ def unrolled_hypergradient(
         return loss
 
     start = time.perf_counter()
-    snapshot = ModelSnapshot(model, params)
+    modules = modules_of(model)
+    snapshot = ModelSnapshot(model, params, modules=modules)
+    second_order = SecondOrder(modules)
     done = False
     try:
         theta = [p.detach() for p in params]
@@ -381,7 +387,8 @@ def unrolled_hypergradient(
                 # state needs no cut: the untracked steps built it without a graph.
                 theta = [x.detach().requires_grad_() for x in theta]
             with torch.enable_grad():
-                train = loss_at(train_loss_fn, theta, "train_loss_fn")
+                with second_order:  # the tracked steps' gradients are differentiated again
+                    train = loss_at(train_loss_fn, theta, "train_loss_fn")
                 g = torch.autograd.grad(train, theta, create_graph=tracked, allow_unused=True)
             g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, theta)]
             with torch.set_grad_enabled(tracked):
