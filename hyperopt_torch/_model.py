@@ -133,21 +133,28 @@ class ModelSnapshot:
             t.grad = g
 
 
-class _CompositeWeightNorm(TorchFunctionMode):
-    """``torch._weight_norm(v, g, dim)`` computed as its formula ``v · g / ‖v‖`` (norms over every dim but ``dim``).
+class _Formulas(TorchFunctionMode):
+    """Ops whose fused kernels lack a correct second derivative, computed by their formulas instead.
 
-    For ``dim`` 0 or the last one PyTorch runs a fused kernel whose double backward
-    takes the norms it saved as constants: the second derivatives in ``v`` come out
-    wrong, without an error (torch 2.13, both weight-norm APIs).  The formula's ops
-    have exact second derivatives.
+    * ``torch._weight_norm(v, g, dim)`` as ``v · g / ‖v‖`` (norms over every dim but
+      ``dim``): for ``dim`` 0 or the last one PyTorch runs a fused kernel whose double
+      backward takes the norms it saved as constants, so the second derivatives in
+      ``v`` come out wrong without an error (torch 2.13, both weight-norm APIs);
+    * ``F.hardsigmoid(x)`` as ``clamp(x + 3, 0, 6) / 6``: its backward has no
+      derivative (a ``RuntimeError`` at the first Hessian-vector product).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is torch._weight_norm:
             v, g, *rest = args
-            dim = rest[0] if rest else (kwargs or {}).get("dim", 0)
+            dim = rest[0] if rest else kwargs.get("dim", 0)
             return v * (g / torch.norm_except_dim(v, 2, dim))
-        return func(*args, **(kwargs or {}))
+        if func is nn.functional.hardsigmoid:
+            x = args[0]
+            out = torch.clamp(x + 3, 0, 6) / 6
+            return x.copy_(out) if (args[1] if len(args) > 1 else kwargs.get("inplace", False)) else out
+        return func(*args, **kwargs)
 
 
 class SecondOrder:
@@ -161,13 +168,14 @@ class SecondOrder:
       enabled (the ``torch.backends.cuda`` flags are process-wide: attention in
       other threads meanwhile uses it too);
     * weight norm (``nn.utils.parametrizations.weight_norm``, ``nn.utils.weight_norm``)
-      in one of ``modules``: :class:`_CompositeWeightNorm`.
+      and ``nn.Hardsigmoid``, when one of ``modules`` has them: :class:`_Formulas`
+      (a mode costs every op of the loss a Python call, so only then).
     """
 
     def __init__(self, modules: Sequence[nn.Module]):
-        self.mode = _CompositeWeightNorm() if any(
-            isinstance(m, _WeightNorm) or any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())
-            for m in modules) else None
+        self.mode = _Formulas() if any(
+            isinstance(m, (_WeightNorm, nn.Hardsigmoid))
+            or any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values()) for m in modules) else None
         self.saved: tuple[bool, ...] | None = None
 
     def __enter__(self) -> "SecondOrder":
