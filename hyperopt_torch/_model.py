@@ -59,6 +59,13 @@ class ModelSnapshot:
       of the parameters and buffers is held; restoring copies it back through
       ``.data``, which bumps no version counter, so a graph the user built
       before the step stays usable;
+    * tensors held as plain attributes by modules with a forward pre-hook: the
+      hook-based ``nn.utils.weight_norm`` / ``spectral_norm`` store the weight
+      they compute as ``module.weight`` at every forward, and the loss calls'
+      weight (under ``engine="func"`` a tensor of torch.func's, unusable with
+      autograd afterwards) would stay there until the next forward.  Only
+      those modules are searched (about 4 µs on ResNet-18, where every
+      module's ``__dict__`` costs 0.2 ms);
     * the ``.grad`` of ``params`` and ``extra`` (the hyperparameters).  They are
       set to ``None`` while the snapshot is open, so a ``.backward()`` inside a
       loss creates new gradients instead of adding into the saved ones, and
@@ -77,6 +84,8 @@ class ModelSnapshot:
         self.tensors = [(m, kind, name, t) for m in modules
                         for kind in ("_parameters", "_buffers") for name, t in getattr(m, kind).items() if t is not None]
         self.non_persistent = {(id(m), name) for m in modules for name in getattr(m, "_non_persistent_buffers_set", ())}
+        self.attributes = [(m.__dict__, name, t) for m in modules if m._forward_pre_hooks
+                           for name, t in m.__dict__.items() if isinstance(t, Tensor)]
         with torch.no_grad():
             self.saved = [t.clone() for *_, t in self.tensors]
         self.grads = [(t, t.grad) for t in [*params, *extra]]
@@ -98,6 +107,8 @@ class ModelSnapshot:
                 m.training = mode
         for t, _ in self.grads:
             t.grad = None
+        for attributes, name, t in self.attributes:
+            attributes[name] = t
         if not values:
             return
         for m, kind, name, t in self.tensors:

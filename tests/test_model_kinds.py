@@ -306,6 +306,25 @@ def test_weight_norm_gets_the_second_derivatives_of_its_formula(api, engine):
         assert (g - w).norm() <= 1e-9 * w.norm()
 
 
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+@pytest.mark.parametrize("api", ["weight_norm", "spectral_norm"])
+def test_hook_based_norms_leave_the_weight_attribute_their_hook_computed(api, engine):
+    """nn.utils.weight_norm / spectral_norm set module.weight at every forward: the step's training loss
+    left its own there (under torch.func one that autograd could no longer use)."""
+    x, xv = inputs("vec")
+    torch.manual_seed(0)
+    model = mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook-based API is deprecated, still in use
+        getattr(torch.nn.utils, api)(model[0])
+    train, val, hparams = problem(model, x, xv)
+    model(x)
+    weight = model[0].weight
+    implicit_hypergradient(hparams, train, val, model, Exact(), engine=engine)
+    assert model[0].weight is weight
+    weight.sum().backward()
+
+
 class FormulaHardsigmoid(nn.Module):
     def forward(self, x):
         return torch.clamp(x + 3, 0, 6) / 6
