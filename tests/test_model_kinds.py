@@ -226,18 +226,21 @@ def inputs(kind):
 
 
 def state(model):
+    cuda = torch.backends.cuda  # the attention-kernel flags, process-wide, set for the training loss
+    flags = [cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled(),
+             cuda.math_sdp_enabled()]
     return ([(n, p, p.detach().clone(), p.grad, p.grad.clone()) for n, p in model.named_parameters()],
-            [(n, b, b.clone()) for n, b in model.named_buffers()], [m.training for m in model.modules()])
+            [(n, b, b.clone()) for n, b in model.named_buffers()], [m.training for m in model.modules()], flags)
 
 
 def assert_same_state(model, before):
-    params, buffers, modes = state(model)
+    params, buffers, modes, flags = state(model)
     assert [(n, p) for n, p, *_ in params] == [(n, p) for n, p, *_ in before[0]]  # same objects
     assert all(torch.equal(v, v0) and g is g0 and torch.equal(g, gv0)
                for (_, _, v, g, _), (_, _, v0, g0, gv0) in zip(params, before[0]))
     assert [(n, b) for n, b, _ in buffers] == [(n, b) for n, b, _ in before[1]]
     assert all(torch.equal(v, v0) for (*_, v), (*_, v0) in zip(buffers, before[1]))
-    assert modes == before[2]
+    assert modes == before[2] and flags == before[3]
 
 
 @pytest.mark.parametrize("engine", ["func", "autograd"])
