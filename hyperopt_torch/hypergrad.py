@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_hparams, check_model, check_scalar, require_graph
-from ._model import ModelSnapshot, SecondOrder, modules_of, uncompiled
+from ._model import ModelSnapshot, SecondOrder, modules_of, once_differentiable_function, uncompiled
 from ._warn import warn
 from .distributed import data_parallel
 from .hvp import ENGINES, autograd_grad, flatten, training_hvp
@@ -154,7 +154,9 @@ def implicit_hypergradient(
             device than the model, a model without trainable parameters, with
             a complex parameter or with an embedding PyTorch cannot give
             second derivatives of (``sparse=True``, ``scale_grad_by_freq=True``;
-            :func:`~hyperopt_torch._checks.check_model`), or an hparam that enters neither
+            :func:`~hyperopt_torch._checks.check_model`), a validation loss
+            whose graph runs a custom ``autograd.Function`` with a
+            ``@once_differentiable`` backward (searched there only), or an hparam that enters neither
             the gradient of the training loss nor the validation loss.  Any
             exception of the loss functions' own propagates.  The model is
             left unchanged.
@@ -218,6 +220,17 @@ def implicit_hypergradient(
         with torch.enable_grad():
             val = require_graph(check_scalar(val_loss_fn(model), "val_loss_fn"), "val_loss_fn")
             _refuse_backward(snapshot, len(params), "val_loss_fn")
+            # Searched in g's graph, the one both engines build with autograd: the model's forward is
+            # normally in it, and torch.func's graph of f is not visible here.  Only an op that θ
+            # reaches needs a second derivative (one on the hparams alone is differentiated once).
+            once = once_differentiable_function(val, params)
+            if once is not None:
+                raise ValueError(
+                    f"the model runs {once.__qualname__}, a custom autograd.Function whose backward is "
+                    "@once_differentiable: PyTorch cannot differentiate it a second time and, in the Hessian-vector "
+                    "products, silently drops it instead of raising. Give it a differentiable backward (written with "
+                    "torch operations, without @once_differentiable). Nothing was changed."
+                )
             direct = comm.average(autograd_grad((val,), (*params, *hparams), (torch.ones_like(val),)), params + hparams)
             # The training loss sees the model as found, whatever val_loss_fn did to it
             # (model.eval() is common; BatchNorm in training mode updates buffers; a clamp_).
