@@ -83,6 +83,17 @@ class Hypergradient(NamedTuple):
     info: HypergradInfo
 
 
+def _refuse_once_differentiable(loss: Tensor, params: Sequence[Tensor]) -> None:
+    once = once_differentiable_function(loss, params)
+    if once is not None:
+        raise ValueError(
+            f"the model runs {once.__qualname__}, a custom autograd.Function whose backward is "
+            "@once_differentiable: PyTorch cannot differentiate it a second time and, in the Hessian-vector "
+            "products, silently drops it instead of raising. Give it a differentiable backward (written with "
+            "torch operations, without @once_differentiable). Nothing was changed."
+        )
+
+
 def _refuse_backward(snapshot: ModelSnapshot, n_params: int, name: str) -> None:
     touched = snapshot.touched()
     if touched:
@@ -154,9 +165,10 @@ def implicit_hypergradient(
             device than the model, a model without trainable parameters, with
             a complex parameter or with an embedding PyTorch cannot give
             second derivatives of (``sparse=True``, ``scale_grad_by_freq=True``;
-            :func:`~hyperopt_torch._checks.check_model`), a validation loss
-            whose graph runs a custom ``autograd.Function`` with a
-            ``@once_differentiable`` backward (searched there only), or an hparam that enters neither
+            :func:`~hyperopt_torch._checks.check_model`), a custom
+            ``autograd.Function`` with a ``@once_differentiable`` backward
+            that θ reaches (searched in the training loss's graph with the
+            autograd engine, in the validation loss's with torch.func), or an hparam that enters neither
             the gradient of the training loss nor the validation loss.  Any
             exception of the loss functions' own propagates.  The model is
             left unchanged.
@@ -220,17 +232,6 @@ def implicit_hypergradient(
         with torch.enable_grad():
             val = require_graph(check_scalar(val_loss_fn(model), "val_loss_fn"), "val_loss_fn")
             _refuse_backward(snapshot, len(params), "val_loss_fn")
-            # Searched in g's graph, the one both engines build with autograd: the model's forward is
-            # normally in it, and torch.func's graph of f is not visible here.  Only an op that θ
-            # reaches needs a second derivative (one on the hparams alone is differentiated once).
-            once = once_differentiable_function(val, params)
-            if once is not None:
-                raise ValueError(
-                    f"the model runs {once.__qualname__}, a custom autograd.Function whose backward is "
-                    "@once_differentiable: PyTorch cannot differentiate it a second time and, in the Hessian-vector "
-                    "products, silently drops it instead of raising. Give it a differentiable backward (written with "
-                    "torch operations, without @once_differentiable). Nothing was changed."
-                )
             direct = comm.average(autograd_grad((val,), (*params, *hparams), (torch.ones_like(val),)), params + hparams)
             # The training loss sees the model as found, whatever val_loss_fn did to it
             # (model.eval() is common; BatchNorm in training mode updates buffers; a clamp_).
@@ -240,6 +241,10 @@ def implicit_hypergradient(
             b = (direct[0].reshape(-1) if len(params) == 1 and direct[0] is not None
                  else flatten(direct[: len(params)], params))
             hvp, train = training_hvp(train_fn, model, params, engine)
+            # Searched in f's graph where autograd built it; torch.func's is not visible, so there in
+            # g's, where the model's forward normally is too.  Only an op that θ reaches needs a second
+            # derivative (one on the hparams alone is differentiated once).
+            _refuse_once_differentiable(train if hvp.engine == "autograd" else val, params)
             matvec = comm.matvec(hvp)
 
             # Solvers run without recording: an iterate with an autograd history

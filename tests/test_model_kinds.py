@@ -498,3 +498,16 @@ def test_a_once_differentiable_op_on_the_hparams_alone_is_differentiated_once_an
                                       model, Exact())
     for g, w in zip(grads, want):
         assert (g - w).norm() <= 1e-9 * w.norm()
+
+
+def test_a_once_differentiable_op_in_the_validation_loss_alone_is_allowed_with_autograd():
+    """g is differentiated once: with the autograd engine f's own graph is searched, and f does not run the op."""
+    x, xv = inputs("vec")
+    torch.manual_seed(0)
+    model = mlp()
+    train, val, hparams = problem(model, x, xv)
+    want = dense_hypergradient(model, train, lambda m: val(m) + torch.sigmoid(m(xv)).sum(), hparams)
+    grads, _ = implicit_hypergradient(hparams, train, lambda m: val(m) + OnceDifferentiableSigmoid.apply(m(xv)).sum(),
+                                      model, Exact(), engine="autograd")
+    for g, w in zip(grads, want):
+        assert (g - w).norm() <= 1e-9 * w.norm()
