@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Callable, Sequence
 
@@ -274,6 +275,13 @@ _ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
 """The code of ``once_differentiable``'s wrapper, which every backward it decorates shares."""
 
 
+def _once_differentiable(backward) -> bool:
+    """Whether ``backward`` is ``once_differentiable``'s wrapper, or wraps it (``functools.wraps``
+    decorators above it, e.g. ``torch.amp.custom_bwd``, common in extension ops)."""
+    inner = inspect.unwrap(backward, stop=lambda f: getattr(f, "__code__", None) is _ONCE_DIFFERENTIABLE)
+    return getattr(inner, "__code__", None) is _ONCE_DIFFERENTIABLE
+
+
 def once_differentiable_function(tensor: Tensor, leaves: Sequence[Tensor]) -> type | None:
     """A custom ``autograd.Function`` in ``tensor``'s graph whose backward is ``@once_differentiable`` and whose
     inputs depend on one of ``leaves``, else ``None``.
@@ -291,11 +299,22 @@ def once_differentiable_function(tensor: Tensor, leaves: Sequence[Tensor]) -> ty
     while stack:
         node = stack.pop()
         cls = getattr(node, "_forward_cls", None)  # the nodes of custom Functions
-        if (cls is not None and getattr(cls.backward, "__code__", None) is _ONCE_DIFFERENTIABLE
-                and _leads_to(node, {id(t) for t in leaves}, set())):
+        if cls is not None and _once_differentiable(cls.backward) and _leads_to(node, {id(t) for t in leaves}, set()):
             return cls
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
                 seen.add(child)
                 stack.append(child)
     return None
+
+
+def refuse_once_differentiable(loss: Tensor, params: Sequence[Tensor]) -> None:
+    """``ValueError`` naming the first :func:`once_differentiable_function` of ``loss``'s graph that ``params`` reach."""
+    once = once_differentiable_function(loss, params)
+    if once is not None:
+        raise ValueError(
+            f"the model runs {once.__qualname__}, a custom autograd.Function whose backward is "
+            "@once_differentiable: PyTorch cannot differentiate it a second time and, in the Hessian-vector "
+            "products, silently drops it instead of raising. Give it a differentiable backward (written with "
+            "torch operations, without @once_differentiable). Nothing was changed."
+        )

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_hparams, check_model, check_scalar, require_graph
-from ._model import ModelSnapshot, SecondOrder, modules_of, once_differentiable_function, uncompiled
+from ._model import ModelSnapshot, SecondOrder, modules_of, refuse_once_differentiable, uncompiled
 from ._warn import warn
 from .distributed import data_parallel
 from .hvp import ENGINES, autograd_grad, flatten, training_hvp
@@ -81,17 +81,6 @@ class Hypergradient(NamedTuple):
 
     grads: tuple[Tensor, ...]
     info: HypergradInfo
-
-
-def _refuse_once_differentiable(loss: Tensor, params: Sequence[Tensor]) -> None:
-    once = once_differentiable_function(loss, params)
-    if once is not None:
-        raise ValueError(
-            f"the model runs {once.__qualname__}, a custom autograd.Function whose backward is "
-            "@once_differentiable: PyTorch cannot differentiate it a second time and, in the Hessian-vector "
-            "products, silently drops it instead of raising. Give it a differentiable backward (written with "
-            "torch operations, without @once_differentiable). Nothing was changed."
-        )
 
 
 def _refuse_backward(snapshot: ModelSnapshot, n_params: int, name: str) -> None:
@@ -244,7 +233,7 @@ def implicit_hypergradient(
             # Searched in f's graph where autograd built it; torch.func's is not visible, so there in
             # g's, where the model's forward normally is too.  Only an op that θ reaches needs a second
             # derivative (one on the hparams alone is differentiated once).
-            _refuse_once_differentiable(train if hvp.engine == "autograd" else val, params)
+            refuse_once_differentiable(train if hvp.engine == "autograd" else val, params)
             matvec = comm.matvec(hvp)
 
             # Solvers run without recording: an iterate with an autograd history

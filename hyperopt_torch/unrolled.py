@@ -52,7 +52,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._model import LossCall, ModelSnapshot, SecondOrder, modules_of, reaches, uncompiled
+from ._model import (LossCall, ModelSnapshot, SecondOrder, modules_of, reaches, refuse_once_differentiable,
+                     uncompiled)
 from ._checks import check_hparams, check_scalar, positive_int, require_graph
 from .hypergrad import LossFn
 
@@ -332,7 +333,9 @@ def unrolled_hypergradient(
     Raises:
         TypeError / ValueError: bad hparams, ``steps``/``truncate`` out of
             range, a loss that is not a scalar tensor, a model without
-            trainable parameters.
+            trainable parameters, a custom ``autograd.Function`` with a
+            ``@once_differentiable`` backward that θ reaches in the training
+            loss (searched at the first tracked step).
 
     Example (tuning the learning rate and a penalty through 20 steps)::
 
@@ -389,6 +392,10 @@ def unrolled_hypergradient(
             with torch.enable_grad():
                 with second_order:  # the tracked steps' gradients are differentiated again
                     train = loss_at(train_loss_fn, theta, "train_loss_fn")
+                if t == steps - keep:
+                    # The first tracked step's graph alone (θ_t its leaves): its gradient is differentiated
+                    # again, and autograd drops a @once_differentiable backward's paths there silently.
+                    refuse_once_differentiable(train, theta)
                 g = torch.autograd.grad(train, theta, create_graph=tracked, allow_unused=True)
             g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, theta)]
             with torch.set_grad_enabled(tracked):
