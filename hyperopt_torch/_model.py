@@ -153,7 +153,8 @@ class _Formulas(TorchFunctionMode):
       ``dim``): for ``dim`` 0 or the last one PyTorch runs a fused kernel whose double
       backward takes the norms it saved as constants, so the second derivatives in
       ``v`` come out wrong without an error (torch 2.13, both weight-norm APIs);
-    * ``F.hardsigmoid(x)`` as ``clamp(x + 3, 0, 6) / 6``: its backward has no
+    * ``F.hardsigmoid(x)`` as ``x/6 + 1/2`` on ``(−3, 3)``, else 0 or 1 (open at ±3 as
+      PyTorch's gradient is, where a clamp's would be 1/6): its backward has no
       derivative (a ``RuntimeError`` at the first Hessian-vector product).
     """
 
@@ -165,7 +166,7 @@ class _Formulas(TorchFunctionMode):
             return v * (g / torch.norm_except_dim(v, 2, dim))
         if func is nn.functional.hardsigmoid:
             x = args[0]
-            out = torch.clamp(x + 3, 0, 6) / 6
+            out = torch.where((x > -3) & (x < 3), x / 6 + 0.5, (x >= 3).to(x.dtype))
             return x.copy_(out) if (args[1] if len(args) > 1 else kwargs.get("inplace", False)) else out
         return func(*args, **kwargs)
 
@@ -186,19 +187,16 @@ class SecondOrder:
     """
 
     def __init__(self, modules: Sequence[nn.Module]):
+        self.attention = MathAttention()
         self.mode = None
         for m in modules:  # a loop, not any() over a generator: half the cost on a ResNet-18 (20 µs)
             if isinstance(m, (_WeightNorm, nn.Hardsigmoid)) or (
                     m._forward_pre_hooks and any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())):
                 self.mode = _Formulas()
                 break
-        self.saved: tuple[bool, ...] | None = None
 
     def __enter__(self) -> "SecondOrder":
-        flags = _sdp_flags()
-        if flags != _MATH_ONLY:
-            self.saved = flags
-            _set_sdp_flags(_MATH_ONLY)
+        self.attention.__enter__()
         if self.mode is not None:
             self.mode.__enter__()
         return self
@@ -206,6 +204,31 @@ class SecondOrder:
     def __exit__(self, *exc) -> None:
         if self.mode is not None:
             self.mode.__exit__(*exc)
+        self.attention.__exit__(*exc)
+
+
+class MathAttention:
+    """``scaled_dot_product_attention`` on its math kernel alone while open (the fused kernels have no
+    double backward); a nested one finds the flags set and leaves them.
+
+    The hypergradients hold one open from the training loss through the last
+    backward through its graph: activation checkpointing runs the forward again
+    inside those backwards, and a fused kernel there saves other tensors than
+    the math kernel did (``CheckpointError``).  The validation loss, differentiated
+    once, runs on the user's kernels.
+    """
+
+    def __init__(self):
+        self.saved: tuple[bool, ...] | None = None
+
+    def __enter__(self) -> "MathAttention":
+        flags = _sdp_flags()
+        if flags != _MATH_ONLY:
+            self.saved = flags
+            _set_sdp_flags(_MATH_ONLY)
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.saved is not None:
             _set_sdp_flags(self.saved)
             self.saved = None

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_hparams, check_model, check_scalar, require_graph
-from ._model import ModelSnapshot, SecondOrder, modules_of, refuse_once_differentiable, uncompiled
+from ._model import MathAttention, ModelSnapshot, SecondOrder, modules_of, refuse_once_differentiable, uncompiled
 from ._warn import warn
 from .distributed import data_parallel
 from .hvp import ENGINES, autograd_grad, flatten, training_hvp
@@ -115,9 +115,10 @@ def implicit_hypergradient(
             term is their whole hypergradient).
         train_loss_fn: ``model ↦ f``, a scalar tensor with its graph; it must
             not call ``.backward()`` itself.  It runs with attention on its
-            math kernel and weight norm computed by its formula, whose second
-            derivatives PyTorch's fused kernels lack or get wrong
-            (:class:`~hyperopt_torch._model.SecondOrder`).
+            math kernel (held through the backwards through its graph) and
+            weight norm and ``nn.Hardsigmoid`` computed by their formulas,
+            whose second derivatives PyTorch's fused kernels lack or get wrong
+            (:class:`~hyperopt_torch._model.SecondOrder`, :class:`~hyperopt_torch._model.MathAttention`).
         val_loss_fn: ``model ↦ g``, likewise.
         model: the inner model; θ are its parameters with ``requires_grad``,
             taken at their current values.  Under ``torch.distributed`` (a
@@ -202,6 +203,7 @@ def implicit_hypergradient(
     start = time.perf_counter()
     snapshot = ModelSnapshot(model, params, hparams, modules)
     second_order = SecondOrder(modules)
+    attention = MathAttention()
     calls = 0
 
     def train_fn(m: nn.Module) -> Tensor:
@@ -229,6 +231,8 @@ def implicit_hypergradient(
             # No detach: a gradient taken without create_graph carries no graph.
             b = (direct[0].reshape(-1) if len(params) == 1 and direct[0] is not None
                  else flatten(direct[: len(params)], params))
+            # From the training loss through the last backward through its graph (MathAttention)
+            attention.__enter__()
             hvp, train = training_hvp(train_fn, model, params, engine)
             # Searched in f's graph where autograd built it; torch.func's is not visible, so there in
             # g's, where the model's forward normally is too.  Only an op that θ reaches needs a second
@@ -250,6 +254,7 @@ def implicit_hypergradient(
                     r = matvec(x) + solver.damping * x - b
                     res = r.norm() / b.norm()
             mixed = hvp.mixed(x, hparams)
+            attention.__exit__(None, None, None)
             for i, (m, d) in enumerate(zip(mixed, direct[len(params):])):
                 # An hparam of g alone (∂²f/∂φ∂θ = 0) has the direct term ∂g/∂φ as its whole
                 # hypergradient; one in neither loss has none that implicit differentiation can give.
@@ -269,6 +274,7 @@ def implicit_hypergradient(
             # the one sync; under data parallelism averaged over the ranks, so every rank decides alike
             finite, diverged, negative, train_value, val_value, *rest = _fetch(checks, n_flags, comm, val.dtype)
     finally:
+        attention.__exit__(None, None, None)
         snapshot.close()
 
     info = HypergradInfo(

@@ -311,7 +311,10 @@ def unrolled_hypergradient(
         model: θ are its parameters with ``requires_grad``; inside the loss
             functions they hold θ_t (through ``functional_call``), so the loss
             functions use ``model`` exactly as in the implicit API (a
-            ``torch.compile`` wrapper is unwrapped, as there).
+            ``torch.compile`` wrapper is unwrapped, as there).  Not with
+            activation checkpointing: its re-run of the forward inside the
+            backward reads the module's own parameters, not θ_t, and the
+            result is silently wrong (docs/api.md, "Model kinds").
         optimizer: the differentiable inner optimizer, e.g. :class:`InnerSGD`
             or :class:`InnerAdam`; any object with
             ``step(params, grads, state) -> (params, state)``
