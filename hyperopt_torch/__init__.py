@@ -1,7 +1,7 @@
 """hyperopt_torch: gradient-based hyperparameter optimisation by implicit differentiation."""
 
 from .hypergrad import HypergradInfo, Hypergradient, implicit_hypergradient
-from .ihvp import SOLVER_NAMES, ConjugateGradient, Exact, Identity, Neumann, Nystrom, make_solver
+from .ihvp import SOLVER_NAMES, ConjugateGradient, Exact, Identity, Minres, Neumann, NormalCG, Nystrom, make_solver
 from .optim import HyperOptimizer
 from .unrolled import InnerAdam, InnerSGD, UnrolledHypergradient, UnrolledInfo, adam_step, sgd_step, unrolled_hypergradient
 
@@ -16,6 +16,8 @@ __all__ = [
     "SOLVER_NAMES",
     "Nystrom",
     "ConjugateGradient",
+    "Minres",
+    "NormalCG",
     "Neumann",
     "Identity",
     "Exact",

@@ -121,8 +121,10 @@ class HyperOptimizer(Optimizer):
             ``step`` needs a closure (``LBFGS``) or sparse gradients
             (``SparseAdam``) is refused.
         ihvp: a solver object (:class:`Nystrom`, :class:`ConjugateGradient`,
-            :class:`Neumann`, :class:`Identity`, :class:`Exact`) or its name
-            ``"nystrom"``, ``"cg"``, ``"neumann"``, ``"identity"``, ``"exact"``.
+            :class:`Neumann`, :class:`Identity`, :class:`Exact`,
+            :class:`Minres`, :class:`NormalCG`) or its name ``"nystrom"``,
+            ``"cg"``, ``"neumann"``, ``"identity"``, ``"exact"``,
+            ``"minres"``, ``"normal_cg"``.
         on_nonfinite: ``"warn"`` (default) or ``"raise"`` when a
             hypergradient or loss is not finite; either way nothing changes.
         residual: record ``‖(H + ρI)x − b‖/‖b‖`` in :attr:`last` (one HVP more).
@@ -133,7 +135,8 @@ class HyperOptimizer(Optimizer):
         **settings_and_base_kwargs: with a solver name, the settings
             :data:`~hyperopt_torch.ihvp.SOLVER_SETTINGS` lists for it go to the
             solver (Nyström: ``rank``, ``rho``, ``chunk``, ``sketch``, ``seed``;
-            CG: ``iters``, ``rho``, ``tol``; Neumann: ``iters``, ``alpha``;
+            CG, MINRES, normal-CG: ``iters``, ``rho``, ``tol``; Neumann:
+            ``iters``, ``alpha``;
             Exact: ``rho``); everything else goes to ``base`` (``lr``,
             ``momentum``, ...).
 
