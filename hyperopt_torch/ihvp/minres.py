@@ -119,9 +119,10 @@ def minres_solve(matvec: Matvec, b: Tensor, iters: int, rho: float = 0.0, tol: f
     w1, w2 = torch.zeros_like(b), torch.zeros_like(b)  # w_{k−2}, w_{k−1}
     beta, eps, dbar, cs, sn, phibar = zero, zero, zero, -one, zero, beta1
     for _ in range(iters):
-        Hv = matvec(v)
-        a = v.dot(Hv)
-        z = torch.addcmul(Hv, v, -a).addcmul_(v_prev, -beta)  # β_{k+1} v_{k+1}
+        z = matvec(v)
+        a = v.dot(z)
+        # β_{k+1} v_{k+1}; rebinding z frees the product (never written to: the matvec's output may be shared)
+        z = torch.addcmul(z, v, -a).addcmul_(v_prev, -beta)
         beta_next = torch.linalg.vector_norm(z)
         alpha = a + rho
         # apply the previous rotation to T's new column, then the one that annihilates β_{k+1}
@@ -166,9 +167,9 @@ def _minres_host(matvec: Matvec, b: Tensor, iters: int, rho: float, tol: float |
     w1, w2 = None, None  # w_{k−2}, w_{k−1}; absent (zero) in the first iterations
     beta, eps, dbar, cs, sn, phibar = 0.0, 0.0, 0.0, -1.0, 0.0, beta1
     for _ in range(iters):
-        Hv = matvec(v)
-        a = v.dot(Hv).item()
-        z = torch.add(Hv, v, alpha=-a)
+        z = matvec(v)
+        a = v.dot(z).item()
+        z = torch.add(z, v, alpha=-a)
         if v_prev is not None:
             z.add_(v_prev, alpha=-beta)
         beta_next = torch.linalg.vector_norm(z).item()
