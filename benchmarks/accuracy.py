@@ -357,7 +357,8 @@ def _plot_curves(fig, data: dict) -> None:
     axes = fig.subplots(3, len(probs), squeeze=False)
     rows = (("hvps", "error", "HVPs (identity drawn at 0.5)"), ("seconds", "error", "wall time (s)"), ("hvps", "cosine", "HVPs"))
     # one colour per method in every panel (a problem without ITD would otherwise shift the colour cycle)
-    colours = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(m for prob in probs.values() for m in prob["curves"]))}
+    methods = dict.fromkeys(m for prob in probs.values() for m in prob["curves"])
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for j, (name, prob) in enumerate(probs.items()):
         for method, pts in prob["curves"].items():
             style = "--" if "gaussian" in method else "-"

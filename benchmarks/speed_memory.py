@@ -172,7 +172,8 @@ def add_flags(p) -> None:
                    help="LeNet on 1x28x28, WRN-28-width or WRN-16-width on 3x32x32, or the MLP 784-1024-1024-10")
     p.add_argument("--width", type=int, default=2, help="WRN widening factor (paper: 2), or the MLP's hidden width")
     p.add_argument("--batch", type=int, default=None, help="examples per batch (default 128)")
-    p.add_argument("--ls", type=int, nargs="+", default=[5, 10, 20], help="CG/MINRES/normal-CG/Neumann iterations and unrolled steps")
+    p.add_argument("--ls", type=int, nargs="+", default=[5, 10, 20],
+                   help="CG/MINRES/normal-CG/Neumann iterations and unrolled steps")
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20], help="Nyström ranks")
     p.add_argument("--methods", default=",".join(DEFAULT_FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per method (default 2, --full 10)")
@@ -298,11 +299,11 @@ def _fmt(x: float | None) -> str:
 def _plot(fig, data: dict) -> None:
     mem = data["memory"] is not None
     axes = fig.subplots(1, 2 if mem else 1, squeeze=False)[0]
-    styles = {"cg": "o-", "minres": "o--", "normal_cg": "o:", "neumann": "s-", "nystrom_time": "^-", "nystrom_mid": "v-", "nystrom_space": "D-",
-              "nystrom_gaussian": "x--", "nystrom_auto": "*:", "unrolled": "P-"}
-    names = {"cg": "CG (l)", "minres": "MINRES (l)", "normal_cg": "normal-CG (l; 1 + 2l HVPs)", "neumann": "Neumann (l)", "nystrom_time": "Nyström κ=k", "nystrom_mid": "Nyström κ=⌊k/2⌋",
-             "nystrom_space": "Nyström κ=1", "nystrom_gaussian": "Nyström Gaussian κ=k",
-             "nystrom_auto": "Nyström κ=auto", "unrolled": "unrolled (T=l)"}
+    styles = {"cg": "o-", "minres": "o--", "normal_cg": "o:", "neumann": "s-", "nystrom_time": "^-", "nystrom_mid": "v-",
+              "nystrom_space": "D-", "nystrom_gaussian": "x--", "nystrom_auto": "*:", "unrolled": "P-"}
+    names = {"cg": "CG (l)", "minres": "MINRES (l)", "normal_cg": "normal-CG (l; 1 + 2l HVPs)", "neumann": "Neumann (l)",
+             "nystrom_time": "Nyström κ=k", "nystrom_mid": "Nyström κ=⌊k/2⌋", "nystrom_space": "Nyström κ=1",
+             "nystrom_gaussian": "Nyström Gaussian κ=k", "nystrom_auto": "Nyström κ=auto", "unrolled": "unrolled (T=l)"}
     panels = [("seconds_median", "seconds per hypergradient (median)", 1.0)]
     if mem:
         panels.append(("extra_bytes", "peak memory above model + data (GB)", 1e-9))

@@ -135,7 +135,8 @@ def make_parser(prog: str, description: str, *, outer_steps: int, rank: int, rho
     solver.add_argument("--chunk", type=chunk_value, default=None,
                         help="Nyström columns held at once [κ], 1..rank or 'auto' (the largest that fits the "
                              "device's free memory); default rank (time-efficient)")
-    solver.add_argument("--iters", type=positive_int, default=iters, help="cg / minres / normal_cg / Neumann iterations [l]")
+    solver.add_argument("--iters", type=positive_int, default=iters,
+                        help="cg / minres / normal_cg / Neumann iterations [l]")
     solver.add_argument("--alpha", type=positive_float, default=alpha, help="Neumann step size [α]")
     solver.add_argument("--sketch", choices=SKETCHES, default="columns",
                         help="Nyström test matrix Ω: random Hessian columns (the paper) or Gaussian")

@@ -45,8 +45,8 @@ SOLVERS = {
     "exact": Exact(rho=0.1),
 }
 # One matvec call each, so one all-reduce (chunked Nyström and CG with tol are checked by bytes only).
-ONE_CALL_PER_HVP_BATCH = {"nystrom": 1, "nystrom-gaussian": 1, "cg": 6, "neumann": 6, "minres": 6, "normal_cg": 1 + 2 * 3,
-                          "identity": 0, "exact": 1}
+ONE_CALL_PER_HVP_BATCH = {"nystrom": 1, "nystrom-gaussian": 1, "cg": 6, "neumann": 6, "minres": 6,
+                          "normal_cg": 1 + 2 * 3, "identity": 0, "exact": 1}
 
 
 def seeded(name, seed):

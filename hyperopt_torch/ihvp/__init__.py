@@ -87,7 +87,7 @@ __all__ = [
     "Matvec", "Solution", "Solver", "matvec_inplace", "run_solver", "make_solver", "SOLVER_NAMES", "SOLVER_SETTINGS", "RESULT_NEUTRAL",
     "solver_config",
     "Nystrom", "ConjugateGradient", "Minres", "NormalCG", "Neumann", "Identity", "Exact",
-    "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "minres_solve", "normal_cg_solve", "neumann_solve",
-    "identity_solve", "exact_solve",
+    "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "minres_solve", "normal_cg_solve",
+    "neumann_solve", "identity_solve", "exact_solve",
     "sample_columns", "exact_memory",
 ]

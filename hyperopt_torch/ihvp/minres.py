@@ -150,7 +150,8 @@ def minres_solve(matvec: Matvec, b: Tensor, iters: int, rho: float = 0.0, tol: f
     return Solution(x.to(out_dtype))
 
 
-def _minres_host(matvec: Matvec, b: Tensor, iters: int, rho: float, tol: float | None, out_dtype: torch.dtype) -> Solution:
+def _minres_host(matvec: Matvec, b: Tensor, iters: int, rho: float, tol: float | None,
+                 out_dtype: torch.dtype) -> Solution:
     """:func:`minres_solve` for vectors in host memory: the same iteration, with its scalars as Python floats.
 
     As in :func:`~hyperopt_torch.ihvp.cg._cg_host`: reading a scalar costs
