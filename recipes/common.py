@@ -131,16 +131,18 @@ def make_parser(prog: str, description: str, *, outer_steps: int, rank: int, rho
     solver.add_argument("--ihvp", choices=ihvp_choices, default="nystrom", help="solver for (H + ρI)⁻¹ ∇_θ g")
     solver.add_argument("--rank", type=positive_int, default=rank, help="Nyström rank [k]")
     solver.add_argument("--rho", type=positive_float, default=rho,
-                        help="Nyström regulariser [ρ]; also the damping of cg and exact")
+                        help="Nyström regulariser [ρ]; also the damping of cg, minres, normal_cg and exact")
     solver.add_argument("--chunk", type=chunk_value, default=None,
                         help="Nyström columns held at once [κ], 1..rank or 'auto' (the largest that fits the "
                              "device's free memory); default rank (time-efficient)")
-    solver.add_argument("--iters", type=positive_int, default=iters, help="cg / Neumann iterations [l]")
+    solver.add_argument("--iters", type=positive_int, default=iters,
+                        help="cg / minres / normal_cg / Neumann iterations [l]")
     solver.add_argument("--alpha", type=positive_float, default=alpha, help="Neumann step size [α]")
     solver.add_argument("--sketch", choices=SKETCHES, default="columns",
                         help="Nyström test matrix Ω: random Hessian columns (the paper) or Gaussian")
     solver.add_argument("--tol", type=positive_float, default=None,
-                        help="cg: stop once ‖r‖ ≤ tol·‖b‖; default run all --iters iterations")
+                        help="cg, minres, normal_cg: stop once ‖r‖ ≤ tol·‖b‖ (normal_cg: of A²x = Ab); "
+                             "default run all --iters iterations")
     run = parser.add_argument_group("run")
     run.add_argument("--outer-steps", type=positive_int, default=outer_steps, help="budget: hyperparameter updates")
     run.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sketches")

@@ -67,7 +67,7 @@ from . import common
 from .fewshot import TRAIN_CLASSES, Task, TaskSampler, load_classes
 
 TABLE3 = ("nystrom", "cg", "neumann")  # the rows of the paper's Table 3, run by --ihvp all
-DAMPED = ("nystrom", "cg", "exact")  # solvers whose damping ρ can carry λ
+DAMPED = ("nystrom", "cg", "exact", "minres", "normal_cg")  # solvers whose damping ρ can carry λ
 EXACT_MAX_PARAMS = 20_000  # the exact solver materialises the p × p Hessian
 EVAL_SEED = 10_000  # test tasks come from their own generator: the same tasks for every method and the baseline
 CHECK_LAMS = (0.1, 1.0, 10.0)
