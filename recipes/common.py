@@ -255,7 +255,9 @@ def resolve_device(name: str | None, threads: int | None = None) -> torch.device
         raise RecipeError(f"invalid --device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError(f"--device {name} requested but CUDA is not available")
-    try:  # the recipes read losses back to the host; a meta or absent device cannot
+    if device.type == "meta":
+        raise RecipeError(f"--device {name} cannot run a recipe: meta tensors hold shapes, no numbers; use cpu or cuda")
+    try:  # the recipes read losses back to the host; a device without kernels (mps on Linux) cannot
         torch.ones(1, device=device).add(1).item()
     except (RuntimeError, NotImplementedError, AssertionError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
