@@ -122,6 +122,7 @@ def load_classes(dataset: str, root: str | os.PathLike, *, train_classes: int | 
         ValueError: unknown ``dataset``, or ``train_classes`` that leaves either
             side empty.
         DatasetMissing: the files are not under ``root`` (and ``download`` is false).
+        DataError: a file is damaged (named in the message).
     """
     if dataset not in TRAIN_CLASSES:
         raise ValueError(f"Invalid dataset: {dataset!r}; expected one of {sorted(TRAIN_CLASSES)}")

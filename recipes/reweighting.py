@@ -124,6 +124,7 @@ def load_data(args: argparse.Namespace, device: torch.device) -> dict:
 
     Raises:
         DatasetMissing: the files are not under ``--data-root``.
+        DataError: a file is damaged or inconsistent (named in the message).
         RecipeError: the training data is too small for the requested meta split.
     """
     def load(train: bool) -> tuple[Tensor, Tensor]:
