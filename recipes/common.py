@@ -444,15 +444,16 @@ def save_figure(path: str | os.PathLike, draw: Callable[[Any], None], *, figsize
 def integer_steps(*axes) -> None:
     """Integer ticks on the x axes (outer steps), after plotting: a curve of one or two points gets no 0.25-step ticks.
 
-    A single point is shown between the steps either side of it (matplotlib
-    would pad it by a fraction of a step and tick that).
+    A range shorter than two steps (one or two points) is widened to two
+    steps around its middle: matplotlib would pad it by a fraction of a step
+    and tick that.
     """
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:
         low, high = ax.get_xlim()
         if high - low < 2:
-            middle = round((low + high) / 2)
+            middle = (low + high) / 2
             ax.set_xlim(middle - 1, middle + 1)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
