@@ -177,3 +177,12 @@ def test_scaling_writes_both_curves(tmp_path):
     assert [(r["method"], r["k"]) for r in saved["in_k"]] == [("nystrom", 1), ("cg", 1), ("nystrom", 2), ("cg", 2)]
     assert [r["p"] for r in saved["in_p"]] == [784 * 4 + 4 + 4 * 4 + 4 + 4 * 10 + 10] * 2
     assert "| 2 | nystrom |" in scaling.markdown_tables(data)
+
+
+@pytest.mark.parametrize("name", ["accuracy", "distributed", "nystrom_overhead", "peers", "precision", "scaling",
+                                  "speed_memory"])
+def test_every_benchmark_takes_threads(name, capsys):
+    module = importlib.import_module(f"benchmarks.{name}")
+    with pytest.raises(SystemExit) as info:
+        module.main(["--help"])
+    assert info.value.code == 0 and "--threads" in capsys.readouterr().out
