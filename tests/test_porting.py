@@ -82,7 +82,7 @@ def float64_default():
 # ---------------------------------------------------------------- hypertorch, as a reference
 
 def _reference_hypergrad() -> types.ModuleType:
-    """hypertorch's GradientDescent, fixed_point and CG (hypergrad/*.py at 6241dfa), re-implemented as a reference.
+    """hypertorch's GradientDescent, fixed_point, neumann and CG (hypergrad/*.py at 6241dfa), re-implemented as a reference.
 
     A re-implementation, not hypertorch: used only where the ``hypergrad`` package cannot be imported
     (it is not on PyPI).  Same operations in the same order as the source, so that a comparison with
@@ -168,6 +168,26 @@ def _reference_hypergrad() -> types.ModuleType:
             update_tensor_grads(hparams, grads)
         return grads
 
+    def neumann(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True):
+        params = [w.detach().requires_grad_(True) for w in params]
+        o_loss = outer_loss(params, hparams)
+        grad_outer_w, grad_outer_hparams = get_outer_gradients(o_loss, params, hparams)
+        w_mapped = fp_map(params, hparams)
+        vs, gs = grad_outer_w, grad_outer_w
+        gs_vec = cat_list_to_tensor(gs)
+        for _ in range(K):
+            gs_prev_vec = gs_vec
+            vs = torch_grad(w_mapped, params, grad_outputs=vs, retain_graph=True)
+            gs = [g + v for g, v in zip(gs, vs)]
+            gs_vec = cat_list_to_tensor(gs)
+            if float(torch.norm(gs_vec - gs_prev_vec)) < tol:
+                break
+        grads = torch_grad(w_mapped, hparams, grad_outputs=gs)
+        grads = [g + v for g, v in zip(grads, grad_outer_hparams)]
+        if set_grad:
+            update_tensor_grads(hparams, grads)
+        return grads
+
     class GradientDescent:  # hypergrad/diff_optimizers.py: DifferentiableOptimizer with dim_mult=1, no data iterator
         def __init__(self, loss_f, step_size, data_or_iter=None):
             assert data_or_iter is None
@@ -185,7 +205,7 @@ def _reference_hypergrad() -> types.ModuleType:
                 return [w - self.step_size_f(hparams) * g for w, g in zip(params, grads)]
 
     module = types.ModuleType("hypergrad", "hypertorch re-implemented as a reference (tests/test_porting.py)")
-    module.fixed_point, module.CG, module.GradientDescent = fixed_point, CG, GradientDescent
+    module.fixed_point, module.neumann, module.CG, module.GradientDescent = fixed_point, neumann, CG, GradientDescent
     return module
 
 
@@ -1087,6 +1107,9 @@ def test_hypertorch_fixed_point_K_is_our_neumann_with_K_minus_1_iterations(hyper
     theirs = hypergrad.fixed_point(theta, hparams, K, fp_map, outer, set_grad=False)
     assert rel(_ours(theta, hparams, inner, outer, Neumann(iters=K - 1, alpha=0.1)), theirs) < 1e-12
     assert rel(_ours(theta, hparams, inner, outer, Neumann(iters=K, alpha=0.1)), theirs) > 0.04
+    # hypertorch's neumann(K) starts from v = b ("saves one iteration"): our Neumann(iters=K)
+    theirs = hypergrad.neumann(theta, hparams, K, fp_map, outer, set_grad=False)
+    assert rel(_ours(theta, hparams, inner, outer, Neumann(iters=K, alpha=0.1)), theirs) < 1e-12
 
 
 def test_hypertorch_cg_stops_one_iterate_early(hypergrad):
