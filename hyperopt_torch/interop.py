@@ -153,8 +153,7 @@ class LinearSolve:
             return torch.stack([one(v) for v in V])
 
         with torch.no_grad():
-            self.last = run_solver(self.solver, flat_matvec, flatten(leaves, leaves),
-                                   getattr(self.solver, "generator", None))
+            self.last = run_solver(self.solver, flat_matvec, flatten(leaves, leaves))  # Nyström: its own generator
         _warn_flags(self.solver, self.last)
         return build(unflatten(self.last.x, leaves))
 
@@ -226,7 +225,7 @@ def betty_method(solver: Solver | str = "nystrom", **settings) -> Callable:
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         hvp = HessianVectorProduct.from_autograd(grads, params)
         with torch.no_grad():
-            solution = run_solver(solver, hvp, flatten(vector, params), getattr(solver, "generator", None))
+            solution = run_solver(solver, hvp, flatten(vector, params))
         _warn_flags(solver, solution)
         implicit = [None if m is None else -m for m in hvp.mixed(solution.x, hparams)]
         if not sync:
