@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hyperopt_torch import ConjugateGradient, Exact, Neumann, Nystrom
+from hyperopt_torch import SOLVER_NAMES, ConjugateGradient, Exact, Neumann, Nystrom, make_solver
 from hyperopt_torch.interop import betty_method, linear_solve, register_betty
 
 DT = torch.float64
@@ -47,10 +47,10 @@ TREES = {
 }
 
 
-def tree_problem(kind, seed=0):
+def tree_problem(kind, seed=0, shapes=None):
     """A dense SPD A over a pytree shaped like ``kind`` (a (3, 2) and a (2,) tensor, or one (3, 2) tensor)."""
     g = torch.Generator().manual_seed(seed)
-    shapes = [(3, 2)] if kind == "tensor" else [(3, 2), (2,)]
+    shapes = shapes or ([(3, 2)] if kind == "tensor" else [(3, 2), (2,)])
     p = sum(torch.Size(s).numel() for s in shapes)
     A = spd(p, seed)
     b_flat = torch.randn(p, generator=g, dtype=DT)
@@ -84,6 +84,29 @@ def test_linear_solve_keeps_the_pytree_structure_and_solves_the_flat_system(kind
         assert x[1][1] is None and x[0]["weight"].shape == (3, 2)
     expected = torch.linalg.solve(A + 0.5 * torch.eye(A.shape[0], dtype=DT), b_flat)
     assert rel(flat(x), expected) < 1e-13
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_every_solver_through_linear_solve_equals_its_own_flat_solve(name):
+    """The adapter adds nothing but the pytree plumbing: the same solver on the flat system, to rounding."""
+    A, b_flat, b, matvec, flat = tree_problem("dict", shapes=[(3, 4), (4,)])
+    x = flat(linear_solve(make_solver(name))(matvec, b))
+    expected = make_solver(name).solve(lambda V: V @ A, b_flat)
+    assert rel(x, expected) < 1e-13
+
+
+def test_linear_solve_takes_any_object_with_a_solve_method():
+    class Jacobi:  # a custom solver: no name table entry, no flags
+        name, damping = "jacobi", 0.0
+
+        def solve(self, matvec, b, generator=None):
+            return b / torch.diagonal(matvec(torch.eye(b.numel(), dtype=b.dtype)))
+
+    A, b_flat, b, matvec, flat = tree_problem("tuple")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = linear_solve(Jacobi(), batch="vmap")(matvec, b)
+    assert rel(flat(x), b_flat / torch.diagonal(A)) < 1e-14
 
 
 def test_linear_solve_cg_matches_a_dense_solve_and_counts_products():
