@@ -1,7 +1,8 @@
 """hyperopt_torch: gradient-based hyperparameter optimisation by implicit differentiation."""
 
+from .hvp import Batching
 from .hypergrad import HypergradInfo, Hypergradient, implicit_hypergradient
-from .ihvp import SOLVER_NAMES, ConjugateGradient, Exact, Identity, Neumann, Nystrom, make_solver
+from .ihvp import SOLVER_NAMES, ConjugateGradient, Exact, Identity, Minres, Neumann, NormalCG, Nystrom, make_solver
 from .optim import HyperOptimizer
 from .unrolled import InnerAdam, InnerSGD, UnrolledHypergradient, UnrolledInfo, adam_step, sgd_step, unrolled_hypergradient
 
@@ -12,10 +13,13 @@ __all__ = [
     "implicit_hypergradient",
     "Hypergradient",
     "HypergradInfo",
+    "Batching",
     "make_solver",
     "SOLVER_NAMES",
     "Nystrom",
     "ConjugateGradient",
+    "Minres",
+    "NormalCG",
     "Neumann",
     "Identity",
     "Exact",

@@ -1,25 +1,27 @@
-"""Inverse-Hessian-vector-product solvers, each over a batched ``matvec``.
+"""Inverse-Hessian-vector-product solvers, each over a batched operator.
 
 Every solver exposes ``name``, ``damping`` (the ρ of the system
 ``(H + ρI)x = b`` it targets) and ``solve(matvec, b, generator=None) -> x``
-with ``matvec(V: (B, p)) -> (B, p)`` (optionally with an in-place variant,
-:func:`matvec_inplace`) and ``b: (p,)``; CG and Neumann also have
-``solve_with_flags``, returning a :class:`Solution` (``x`` with device-side
-flags: ``diverged``, ``negative_curvature``).  The package is a leaf: it knows nothing about
-models, any matvec can drive it (as jaxopt's ``linear_solve``).  A plain function sits
-under each class (:func:`nystrom_solve`, :func:`cg_solve`, ...), so every
-solver can be run on a dense matrix: ``matvec = lambda V: V @ A``.
+with ``matvec`` an :class:`Operator` or any callable ``V (B, p) -> V H (B, p)``
+and ``b: (p,)``; the built-in solvers also have ``solve_with_flags``,
+returning a :class:`Solution` (``x`` with device-side flags and the κ and ρ
+used).  The package is a leaf: it knows nothing about models, any operator
+can drive it (as jaxopt's ``linear_solve``).  A plain function sits under
+each class (:func:`nystrom_solve`, :func:`cg_solve`, ...), so every solver
+can be run on a dense matrix: ``matvec = lambda V: V @ A``.
 :func:`~hyperopt_torch.implicit_hypergradient` calls ``solve`` under
 ``torch.no_grad()``: a custom solver needs no autograd and gets none.
 """
 
 from __future__ import annotations
 
-from ._base import Matvec, Solution, Solver, matvec_inplace, run_solver
+from ._base import Matvec, Operator, Solution, Solver, as_operator, matvec_inplace, run_solver
 from .cg import ConjugateGradient, cg_solve
 from .exact import Exact, exact_memory, exact_solve
 from .identity import Identity, identity_solve
+from .minres import Minres, minres_solve
 from .neumann import Neumann, neumann_solve
+from .normal_cg import NormalCG, normal_cg_solve
 from .nystrom import Nystrom, nystrom_from_sketch, nystrom_sketch, nystrom_solve, sample_columns
 
 
@@ -34,8 +36,11 @@ SOLVER_SETTINGS: dict[str, tuple[str, ...]] = {
     "neumann": ("iters", "alpha"),
     "identity": (),
     "exact": ("rho",),
+    "minres": ("iters", "rho", "tol"),
+    "normal_cg": ("iters", "rho", "tol"),
 }
-_CLASSES = {"nystrom": Nystrom, "cg": ConjugateGradient, "neumann": Neumann, "identity": Identity, "exact": Exact}
+_CLASSES = {"nystrom": Nystrom, "cg": ConjugateGradient, "neumann": Neumann, "identity": Identity, "exact": Exact,
+            "minres": Minres, "normal_cg": NormalCG}
 SOLVER_NAMES = tuple(SOLVER_SETTINGS)
 # Settings that do not change what a solver computes (κ trades memory for HVPs
 # with the same result up to rounding, Section 2.4; a seed is superseded by the
@@ -47,9 +52,9 @@ def make_solver(name: str, **settings) -> Solver:
     """Build a solver from its name and the settings that apply to it (:data:`SOLVER_SETTINGS`).
 
     ``name`` is one of ``"nystrom"`` (settings ``rank``, ``rho``, ``chunk``,
-    ``sketch``, ``seed``), ``"cg"`` (``iters``, ``rho`` as damping, ``tol``),
-    ``"neumann"`` (``iters``, ``alpha``), ``"identity"`` (none) or ``"exact"``
-    (``rho`` as damping).  Settings given as ``None`` are ignored (the
+    ``sketch``, ``seed``), ``"cg"``, ``"minres"`` and ``"normal_cg"`` (each
+    ``iters``, ``rho`` as damping, ``tol``), ``"neumann"`` (``iters``,
+    ``alpha``), ``"identity"`` (none) or ``"exact"`` (``rho`` as damping).  Settings given as ``None`` are ignored (the
     solver's default applies).
 
     Raises:
@@ -78,9 +83,10 @@ def solver_config(solver) -> dict:
 
 
 __all__ = [
-    "Matvec", "Solution", "Solver", "matvec_inplace", "run_solver", "make_solver", "SOLVER_NAMES", "SOLVER_SETTINGS", "RESULT_NEUTRAL",
+    "Matvec", "Operator", "as_operator", "Solution", "Solver", "matvec_inplace", "run_solver", "make_solver", "SOLVER_NAMES", "SOLVER_SETTINGS", "RESULT_NEUTRAL",
     "solver_config",
-    "Nystrom", "ConjugateGradient", "Neumann", "Identity", "Exact",
-    "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "neumann_solve", "identity_solve", "exact_solve",
+    "Nystrom", "ConjugateGradient", "Minres", "NormalCG", "Neumann", "Identity", "Exact",
+    "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "minres_solve", "normal_cg_solve",
+    "neumann_solve", "identity_solve", "exact_solve",
     "sample_columns", "exact_memory",
 ]
