@@ -88,11 +88,14 @@ def test_linear_solve_keeps_the_pytree_structure_and_solves_the_flat_system(kind
 
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 def test_every_solver_through_linear_solve_equals_its_own_flat_solve(name):
-    """The adapter adds nothing but the pytree plumbing: the same solver on the flat system, to rounding."""
+    """The adapter adds nothing but the pytree plumbing: the same solver on the flat system, to rounding.
+
+    (The pytree matvec multiplies ``A @ v``, the flat one ``V @ A``: normal-CG, on A², is 5e-13 apart.)
+    """
     A, b_flat, b, matvec, flat = tree_problem("dict", shapes=[(3, 4), (4,)])
     x = flat(linear_solve(make_solver(name))(matvec, b))
     expected = make_solver(name).solve(lambda V: V @ A, b_flat)
-    assert rel(x, expected) < 1e-13
+    assert rel(x, expected) < 1e-12
 
 
 def test_linear_solve_takes_any_object_with_a_solve_method():

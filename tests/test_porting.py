@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyperopt_torch import SOLVER_NAMES, HyperOptimizer
 
 DT = torch.float64
 
@@ -62,12 +61,6 @@ def changed_lines(original, port) -> tuple[int, int, int]:
         if tag != "equal":
             removed, added, changed = removed + i2 - i1, added + j2 - j1, changed + max(i2 - i1, j2 - j1)
     return added, removed, changed
-
-
-CORE = "waits for the core features of issue 19 items 1-2 (θ as a list or dict; accumulate(weight=))"
-has_core = "weight" in inspect.signature(HyperOptimizer.accumulate).parameters
-needs_core = pytest.mark.skipif(not has_core, reason=CORE)
-needs_normal_cg = pytest.mark.skipif("normal_cg" not in SOLVER_NAMES, reason="waits for ihvp='normal_cg' (issue 19 item 3)")
 
 
 @pytest.fixture
@@ -318,7 +311,6 @@ def test_logistic_regression_port_changes_five_lines():
     assert changed_lines(logistic_regression_original, logistic_regression_port) == (5, 4, 5)
 
 
-@needs_core
 @pytest.mark.parametrize("hg_name, K", [("CG", 5), ("fixed_point", 10)])
 def test_logistic_regression_port_equals_hypertorch(hypergrad, float64_default, hg_name, K):
     """hg.CG(K) is our ConjugateGradient(iters=K); hg.fixed_point(K) our Neumann(iters=K − 1, alpha=lr).
@@ -501,15 +493,16 @@ def test_imaml_hypertorch_port_changes_five_lines():
     assert changed_lines(imaml_hypertorch_original, imaml_hypertorch_port) == (4, 4, 5)
 
 
-@needs_core
 @pytest.mark.parametrize("hg_mode", ["CG", "fixed_point"])
 def test_imaml_hypertorch_port_equals_hypertorch_with_higher(hypergrad, hg_mode):
     """The script's Omniglot settings (T = 16, K = 5, reg_param = 2, inner_lr = 0.1), 5 ways, 4 channels, 2 × 2 tasks.
 
     5 shots, not 1: on 1-shot random images some tasks' Hessians had λ_max > 2/inner_lr (BatchNorm over
     5 images), where the fixed-point series grows; hypertorch returns the partial sum, our Neumann
-    flags it and returns NaN (docs/porting.md).  Here every Hessian is positive definite with
-    λ_max < 20, and neither CG meets negative curvature.
+    flags it, warns and skips that task (docs/porting.md).  Here every Hessian is positive definite
+    with λ_max < 20, and neither CG meets negative curvature.  The model is drawn as the script draws
+    it, under the float32 default, then cast: drawn in float64, one task's λ_max is above 20 and the
+    fixed-point run differs by that task (63 %).
     """
     pytest.importorskip("higher")
     batches = few_shot_batches(n_batches=2, tasks=2, ways=5, shots=5, query_shots=3)
@@ -1043,15 +1036,12 @@ def _run_torchopt_imaml(script):
         return script(batches, net, n_inner_iter=5, reg_param=2.0)
 
 
-@needs_normal_cg
 def test_imaml_torchopt_with_our_normal_cg_as_linear_solve_equals_torchopt(float64_default):
     theirs, ours = _run_torchopt_imaml(imaml_torchopt_original), _run_torchopt_imaml(imaml_torchopt_interop)
     for step, (a, b) in enumerate(zip(ours, theirs)):
         assert rel(a, b) < 1e-12, step
 
 
-@needs_core
-@needs_normal_cg
 def test_imaml_torchopt_port_to_hyperoptimizer_equals_torchopt(float64_default):
     """Two meta-steps.  Under float32 as the default dtype torchopt.Adam computes its bias correction
     1 − βᵗ in float32, and its update differs from torch.optim.Adam's by ~1e-5 (relative) on a float64
