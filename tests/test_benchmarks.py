@@ -183,10 +183,28 @@ def test_scaling_writes_both_curves(tmp_path):
     assert "| 2 | nystrom |" in scaling.markdown_tables(data)
 
 
-@pytest.mark.parametrize("name", ["accuracy", "distributed", "nystrom_overhead", "peers", "precision", "scaling",
-                                  "speed_memory"])
+@pytest.mark.parametrize("name", ["accuracy", "distributed", "fast_paths", "forms", "nystrom_overhead", "peers",
+                                  "precision", "scaling", "speed_memory"])
 def test_every_benchmark_takes_threads(name, capsys):
     module = importlib.import_module(f"benchmarks.{name}")
     with pytest.raises(SystemExit) as info:
         module.main(["--help"])
     assert info.value.code == 0 and "--threads" in capsys.readouterr().out
+
+
+def test_forms_benchmark_times_the_three_forms_of_theta_and_they_agree(tmp_path):
+    from benchmarks import forms
+
+    result = forms.main(["--out", str(tmp_path), "--threads", "1", "--batch", "4", "--repeats", "1", "--warmup", "0"])
+    assert set(result["ratio_to_module_form"]) == {f"{s} {f}" for s in forms.SOLVERS for f in ("dict", "list")}
+    assert all(d < 1e-6 for d in result["relative_difference_to_module_form"].values())
+    assert (tmp_path / "forms.json").exists()
+
+
+def test_fast_paths_benchmark_runs_both_ways_with_equal_hypergradients(tmp_path, monkeypatch):
+    from benchmarks import fast_paths
+
+    monkeypatch.setattr(fast_paths, "PROBLEMS", ("logistic cg l=10",))
+    result = fast_paths.main(["--out", str(tmp_path), "--threads", "1", "--repeats", "1", "--warmup", "0"])
+    row = result["problems"]["logistic cg l=10"]
+    assert row["relative_difference"] == 0.0 and row["public_over_fast"] > 0

@@ -116,8 +116,8 @@ def _cg_host(A: Operator, b: Tensor, iters: int, tol: float | None, out_dtype: t
     """:func:`cg_solve` for vectors in host memory: the same iteration, with its scalars as Python floats.
 
     Reading a scalar costs nothing on the CPU, while each 0-dim tensor operation of
-    the device loop costs a few microseconds; on small problems those add up to a
-    third of the solve (benchmarks/peers.py).  The scalars are float64 here (the
+    the device loop costs a few microseconds; on small problems those add up to
+    a large part of the solve (docs/benchmarks.md, "Small problems").  The scalars are float64 here (the
     device loop keeps them in ``b``'s dtype), so the two agree to ``b``'s
     rounding.  The loop stops outright at negative curvature (the device loop
     masks the remaining iterations instead), which saves their products.
