@@ -423,8 +423,12 @@ class Nystrom:
 
     name = "nystrom"
 
-    def __init__(self, rank: int = 10, rho: float = 0.01, chunk: int | str | None = None, sketch: str = "columns",
-                 seed: int = 0):
+    def __init__(self, rank: int | None = None, rho: float | None = None, chunk: int | str | None = None,
+                 sketch: str | None = None, seed: int | None = None):
+        # None is the default of each setting (rank 10, rho 0.01, chunk = rank, sketch "columns", seed 0), so that
+        # make_solver and HyperOptimizer pass their keywords on as they are.
+        rank, rho = 10 if rank is None else rank, 0.01 if rho is None else rho
+        sketch, seed = "columns" if sketch is None else sketch, 0 if seed is None else seed
         self.rank = positive_int("rank", rank)
         self.rho = positive_float("rho", rho)
         if chunk is not None and chunk != "auto":
