@@ -205,7 +205,41 @@ def check_loss_call(fn, value, name: str, error: TypeError, argument: str) -> No
         "taking them as arguments.") from error
 
 
-class ModelSnapshot:
+class _GradSnapshot:
+    """The ``.grad`` part of a snapshot: set to ``None`` while it is open, handed back at :meth:`close`.
+
+    A ``.backward()`` inside a loss then creates new gradients instead of adding
+    into the saved ones, and :meth:`touched` tells which tensors it reached.
+    Subclasses put back the rest in :meth:`restore`.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor]):
+        self.grads = [(t, t.grad) for t in tensors]
+        for t, _ in self.grads:
+            t.grad = None
+
+    def touched(self) -> list[int]:
+        """Indices into the tensors of the tensors that got a ``.grad`` since the snapshot was taken."""
+        return [i for i, (t, _) in enumerate(self.grads) if t.grad is not None]
+
+    def restore(self, values: bool = True) -> None:
+        for t, _ in self.grads:
+            t.grad = None
+
+    def close(self, values: bool = True) -> None:
+        """:meth:`restore`, then hand the saved ``.grad`` objects back."""
+        self.restore(values)
+        for t, g in self.grads:
+            t.grad = g
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ModelSnapshot(_GradSnapshot):
     """Everything of a model that user loss functions can change, put back by :meth:`restore`.
 
     * the train/eval flag of every submodule;
@@ -235,13 +269,7 @@ class ModelSnapshot:
                            for name, t in m.__dict__.items() if isinstance(t, Tensor)]
         with torch.no_grad():
             self.saved = [t.clone() for *_, t, _ in self.tensors]
-        self.grads = [(t, t.grad) for t in [*params, *extra]]
-        for t, _ in self.grads:
-            t.grad = None
-
-    def touched(self) -> list[int]:
-        """Indices into ``[*params, *extra]`` of the tensors that got a ``.grad`` since the snapshot was taken."""
-        return [i for i, (t, _) in enumerate(self.grads) if t.grad is not None]
+        super().__init__([*params, *extra])
 
     def restore(self, values: bool = True) -> None:
         """Put back the modes and, with ``values``, the parameters' and buffers' objects and values.
@@ -252,8 +280,7 @@ class ModelSnapshot:
         for m, mode in self.modes:
             if m.training != mode:  # nn.Module.__setattr__ is slow; most steps change no mode
                 m.training = mode
-        for t, _ in self.grads:
-            t.grad = None
+        super().restore(values)
         for attributes, name, t in self.attributes:
             attributes[name] = t
         if not values:
@@ -262,20 +289,8 @@ class ModelSnapshot:
             _compat.put_back(m, kind, name, t, persistent)
         _compat.copy_data_([t for *_, t, _ in self.tensors], self.saved)
 
-    def close(self, values: bool = True) -> None:
-        """:meth:`restore`, then hand the saved ``.grad`` objects back."""
-        self.restore(values)
-        for t, g in self.grads:
-            t.grad = g
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class TensorSnapshot:
+class TensorSnapshot(_GradSnapshot):
     """:class:`ModelSnapshot` for θ held as a dict, list or tuple of tensors: the container's entries, every
     tensor's value, and the ``.grad`` of ``params`` and ``extra``."""
 
@@ -287,16 +302,10 @@ class TensorSnapshot:
         self.tensors = tensors
         with torch.no_grad():
             self.saved = [t.clone() for t in tensors]
-        self.grads = [(t, t.grad) for t in [*params, *extra]]
-        for t, _ in self.grads:
-            t.grad = None
-
-    def touched(self) -> list[int]:
-        return [i for i, (t, _) in enumerate(self.grads) if t.grad is not None]
+        super().__init__([*params, *extra])
 
     def restore(self, values: bool = True) -> None:
-        for t, _ in self.grads:
-            t.grad = None
+        super().restore(values)
         if isinstance(self.container, dict):
             if not _same(list(self.container.items()), self.entries):
                 self.container.clear()
@@ -305,17 +314,6 @@ class TensorSnapshot:
             self.container[:] = self.entries
         if values:
             _compat.copy_data_(self.tensors, self.saved)
-
-    def close(self, values: bool = True) -> None:
-        self.restore(values)
-        for t, g in self.grads:
-            t.grad = g
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _same(a: list, b: list) -> bool:

@@ -28,7 +28,6 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import _kinds
 from ._checks import check_scalar, require_graph
 from ._compat import autograd_grad
 from ._inner import Inner

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _compat
 from ._checks import check_hparams, check_scalar, require_graph

@@ -5,7 +5,6 @@ The suite also runs with ``HYPEROPT_TORCH_FAST_PATHS=0`` (``.ci/run``), where ev
 the tests below additionally switch ``_compat.FAST`` off in-process for the pieces that read it per call.
 """
 
-import warnings
 
 import pytest
 import torch

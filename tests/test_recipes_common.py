@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import gzip
-import io
 import json
-import pickle
-import zipfile
 from pathlib import Path
 
 import numpy as np

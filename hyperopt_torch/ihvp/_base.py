@@ -15,6 +15,8 @@ from typing import Callable, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from .._checks import nonnegative_float, positive_float, positive_int
+
 Matvec = Callable[[Tensor], Tensor]
 
 
@@ -112,6 +114,40 @@ class Solver(Protocol):
     damping: float
 
     def solve(self, matvec: Matvec, b: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
+
+
+class KrylovSolver:
+    """What CG, MINRES and normal-equation CG share: ``iters``, ``rho`` (the damping) and ``tol``.
+
+    A subclass names itself (``name``) and its plain function
+    (``function(matvec, b, iters, rho, tol) -> Solution``).  ``None`` is each
+    setting's default (10 iterations, ρ = 0, no early stop), so that
+    :func:`~hyperopt_torch.ihvp.make_solver` passes its keywords on as they are.
+
+    Raises:
+        ValueError: ``iters < 1``, ``rho < 0`` or ``tol <= 0``.
+    """
+
+    name = "krylov"
+    function: Callable[..., Solution]
+
+    def __init__(self, iters: int | None = None, rho: float | None = None, tol: float | None = None):
+        self.iters = positive_int("iters", 10 if iters is None else iters)
+        self.rho = nonnegative_float("rho", 0.0 if rho is None else rho)
+        self.tol = None if tol is None else positive_float("tol", tol)
+
+    @property
+    def damping(self) -> float:
+        return self.rho
+
+    def solve(self, matvec: Matvec | Operator, b: Tensor, generator=None) -> Tensor:
+        return self.solve_with_flags(matvec, b, generator).x
+
+    def solve_with_flags(self, matvec: Matvec | Operator, b: Tensor, generator=None) -> Solution:
+        return type(self).function(matvec, b, self.iters, self.rho, self.tol)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(iters={self.iters}, rho={self.rho}, tol={self.tol})"
 
 
 def working_precision(matvec: Matvec | Operator, b: Tensor) -> tuple[Operator, Tensor]:

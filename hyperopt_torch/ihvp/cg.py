@@ -47,8 +47,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import nonnegative_float, positive_float, positive_int
-from ._base import Matvec, Operator, Solution, working_precision
+from ._base import KrylovSolver, Matvec, Operator, Solution, working_precision
 
 
 HOST_SCALARS = ("cpu",)
@@ -152,7 +151,7 @@ def _cg_host(A: Operator, b: Tensor, iters: int, tol: float | None, out_dtype: t
     return Solution(x.to(out_dtype), negative_curvature=torch.zeros((), dtype=torch.bool), damping=rho)
 
 
-class ConjugateGradient:
+class ConjugateGradient(KrylovSolver):
     """Conjugate gradient with ``iters`` HVPs on ``(H + ρI) x = b``.
 
     Args:
@@ -165,22 +164,4 @@ class ConjugateGradient:
     """
 
     name = "cg"
-
-    def __init__(self, iters: int | None = None, rho: float | None = None, tol: float | None = None):
-        # None is each setting's default (iters 10, rho 0, no tol): make_solver passes its keywords on as they are
-        self.iters = positive_int("iters", 10 if iters is None else iters)
-        self.rho = nonnegative_float("rho", 0.0 if rho is None else rho)
-        self.tol = None if tol is None else positive_float("tol", tol)
-
-    @property
-    def damping(self) -> float:
-        return self.rho
-
-    def solve(self, matvec: Matvec, b: Tensor, generator=None) -> Tensor:
-        return self.solve_with_flags(matvec, b, generator).x
-
-    def solve_with_flags(self, matvec: Matvec, b: Tensor, generator=None) -> Solution:
-        return cg_solve(matvec, b, self.iters, self.rho, self.tol)
-
-    def __repr__(self) -> str:
-        return f"ConjugateGradient(iters={self.iters}, rho={self.rho}, tol={self.tol})"
+    function = staticmethod(cg_solve)

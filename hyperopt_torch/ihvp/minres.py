@@ -79,8 +79,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import nonnegative_float, positive_float, positive_int
-from ._base import Matvec, Solution, working_precision
+from ._base import KrylovSolver, Matvec, Solution, working_precision
 
 
 HOST_SCALARS = ("cpu",)
@@ -198,7 +197,7 @@ def _minres_host(matvec: Matvec, b: Tensor, iters: int, rho: float, tol: float |
     return Solution(x.to(out_dtype), damping=rho)
 
 
-class Minres:
+class Minres(KrylovSolver):
     """MINRES with ``iters`` HVPs on the symmetric, possibly indefinite ``(H + ρI) x = b``.
 
     Args:
@@ -212,22 +211,4 @@ class Minres:
     """
 
     name = "minres"
-
-    def __init__(self, iters: int | None = None, rho: float | None = None, tol: float | None = None):
-        # None is each setting's default (iters 10, rho 0, no tol): make_solver passes its keywords on as they are
-        self.iters = positive_int("iters", 10 if iters is None else iters)
-        self.rho = nonnegative_float("rho", 0.0 if rho is None else rho)
-        self.tol = None if tol is None else positive_float("tol", tol)
-
-    @property
-    def damping(self) -> float:
-        return self.rho
-
-    def solve(self, matvec: Matvec, b: Tensor, generator=None) -> Tensor:
-        return self.solve_with_flags(matvec, b, generator).x
-
-    def solve_with_flags(self, matvec: Matvec, b: Tensor, generator=None) -> Solution:
-        return minres_solve(matvec, b, self.iters, self.rho, self.tol)
-
-    def __repr__(self) -> str:
-        return f"Minres(iters={self.iters}, rho={self.rho}, tol={self.tol})"
+    function = staticmethod(minres_solve)

@@ -54,11 +54,9 @@ References:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .._checks import nonnegative_float, positive_float, positive_int
-from ._base import Matvec, Operator, Solution, working_precision
+from ._base import KrylovSolver, Matvec, Operator, Solution, working_precision
 from .cg import cg_solve
 
 
@@ -85,7 +83,7 @@ def normal_cg_solve(matvec: Matvec, b: Tensor, iters: int, rho: float = 0.0, tol
     return Solution(x.to(out_dtype), damping=rho)
 
 
-class NormalCG:
+class NormalCG(KrylovSolver):
     """CG on the normal equations ``(H + ρI)² x = (H + ρI) b``: ``1 + 2·iters`` HVPs.
 
     Args:
@@ -101,22 +99,4 @@ class NormalCG:
     """
 
     name = "normal_cg"
-
-    def __init__(self, iters: int | None = None, rho: float | None = None, tol: float | None = None):
-        # None is each setting's default (iters 10, rho 0, no tol): make_solver passes its keywords on as they are
-        self.iters = positive_int("iters", 10 if iters is None else iters)
-        self.rho = nonnegative_float("rho", 0.0 if rho is None else rho)
-        self.tol = None if tol is None else positive_float("tol", tol)
-
-    @property
-    def damping(self) -> float:
-        return self.rho
-
-    def solve(self, matvec: Matvec, b: Tensor, generator=None) -> Tensor:
-        return self.solve_with_flags(matvec, b, generator).x
-
-    def solve_with_flags(self, matvec: Matvec, b: Tensor, generator=None) -> Solution:
-        return normal_cg_solve(matvec, b, self.iters, self.rho, self.tol)
-
-    def __repr__(self) -> str:
-        return f"NormalCG(iters={self.iters}, rho={self.rho}, tol={self.tol})"
+    function = staticmethod(normal_cg_solve)

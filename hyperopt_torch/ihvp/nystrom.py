@@ -270,7 +270,6 @@ def nystrom_from_sketch(W: Tensor, G: Tensor, c: Tensor, p: int, rho: float) -> 
     direction is meaningful (``a = 1/ρ`` says so; ``a = 0`` when ``HΩ`` spans
     ``ℝᵖ``).
     """
-    k = W.shape[0]
     lam, U, floor = eigh_above_noise(W)
     if lam.numel() == 0:  # H_k = 0 (e.g. a zero Hessian)
         return 1.0 / rho, torch.zeros_like(c)
