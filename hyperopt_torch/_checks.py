@@ -14,6 +14,19 @@ from typing import Sequence
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch < 2.5, or built without distributed
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = None
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter shard, for one)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
 
 def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -58,6 +71,15 @@ def check_hparams(hparams: Sequence[Tensor], name: str = "hparams") -> list[Tens
             raise ValueError(f"{name}[{i}] does not require grad: create it with requires_grad=True")
         if not h.is_leaf:
             raise ValueError(f"{name}[{i}] is not a leaf tensor: pass the tensor you created, not an expression of it")
+        if is_dtensor(h):
+            # The loss functions get an FSDP model's parameters as full tensors (hyperopt_torch._fsdp); a
+            # sharded hparam would meet them in the loss, where DTensor refuses plain tensors.
+            raise TypeError(
+                f"{name}[{i}] is a DTensor: hyperparameters are plain tensors, equal on every rank. For an FSDP "
+                "model create per-parameter ones full-size, e.g. torch.full(p.shape, value, dtype=p.dtype, "
+                "requires_grad=True) for p in model.parameters() (a DTensor's shape is the full one): the loss "
+                "functions receive the model's parameters as full tensors (docs/distributed.md, 'FSDP')"
+            )
     return hparams
 
 
@@ -137,5 +159,5 @@ def check_model(model: nn.Module, modules: Sequence[nn.Module] | None = None) ->
     return params
 
 
-__all__ = ["positive_int", "positive_float", "nonnegative_float", "check_scalar", "check_hparams", "require_graph",
+__all__ = ["is_dtensor", "positive_int", "positive_float", "nonnegative_float", "check_scalar", "check_hparams", "require_graph",
            "check_model"]
