@@ -37,7 +37,6 @@ meshes, an unsharded FSDP parameter whose storage FSDP has freed.
 
 from __future__ import annotations
 
-import inspect
 from collections import OrderedDict
 from typing import Callable
 
@@ -98,9 +97,20 @@ def refuse_sharded(model: nn.Module, what: str) -> None:
 
 def _is_fsdp_hook(hook) -> bool:
     """A forward (pre-)hook that ``fully_shard`` registered: a bound method of its state object,
-    possibly wrapped (``functools.wraps``) for a group of modules sharded together."""
-    owner = getattr(inspect.unwrap(hook), "__self__", None)
-    return owner is not None and type(owner).__module__.startswith("torch.distributed.fsdp")
+    possibly wrapped (``functools.wraps``) for a group of modules sharded together.
+
+    Each layer of wrapping is looked at: ``inspect.unwrap`` of the bound method alone would
+    follow its function's own ``__wrapped__`` (FSDP decorates ``_pre_forward``) to a plain
+    function without ``__self__``.
+    """
+    seen = set()
+    while hook is not None and id(hook) not in seen:
+        seen.add(id(hook))
+        owner = getattr(hook, "__self__", None)
+        if owner is not None and type(owner).__module__.startswith("torch.distributed.fsdp"):
+            return True
+        hook = getattr(hook, "__wrapped__", None)
+    return False
 
 
 def _mesh(params: list[Tensor]):

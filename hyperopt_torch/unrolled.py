@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._fsdp import refuse_sharded
 from ._model import (LossCall, ModelSnapshot, SecondOrder, modules_of, reaches, refuse_once_differentiable,
                      uncompiled)
 from ._checks import check_hparams, check_scalar, positive_int, require_graph
@@ -359,6 +360,7 @@ def unrolled_hypergradient(
     if keep > steps:
         raise ValueError(f"Invalid truncate: {truncate} (expected 1 <= truncate <= steps = {steps}, or None)")
     model = uncompiled(model)  # compiled graphs have no double backward
+    refuse_sharded(model, "unrolled_hypergradient")  # functional_call on an FSDP module is silently wrong
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no parameters with requires_grad=True: there is nothing to unroll")
