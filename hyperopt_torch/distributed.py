@@ -1,4 +1,4 @@
-"""Data-parallel hypergradients over ``torch.distributed`` (DDP or hand-replicated models).
+"""Data-parallel hypergradients over ``torch.distributed`` (DDP, FSDP2 or hand-replicated models).
 
 Each rank ``r`` of ``n`` holds a replica of θ and its own shard of the training
 and validation batches, so the objectives are means over ranks,
@@ -23,7 +23,8 @@ a non-finite value on any rank skips the step on all of them.
 
 :func:`data_parallel` detects the setting; :func:`implicit_hypergradient`
 calls it, so a user passes the DDP-wrapped model (or the replica) unchanged.
-See docs/distributed.md for the measured communication and the FSDP plan.
+An FSDP2 model is differentiated through an unsharded replica (:mod:`hyperopt_torch._fsdp`).
+See docs/distributed.md for the measured communication and memory.
 """
 
 from __future__ import annotations

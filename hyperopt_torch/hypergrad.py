@@ -122,10 +122,11 @@ def implicit_hypergradient(
         val_loss_fn: ``model ↦ g``, likewise.
         model: the inner model; θ are its parameters with ``requires_grad``,
             taken at their current values.  Under ``torch.distributed`` (a
-            ``DistributedDataParallel`` model, or a replica with the default
-            process group initialised) the result is the hypergradient of the
-            mean of the ranks' losses, identical on every rank, and the loss
-            functions receive the unwrapped module; see
+            ``DistributedDataParallel`` model, an FSDP2 ``fully_shard`` model,
+            or a replica with the default process group initialised) the result
+            is the hypergradient of the mean of the ranks' losses, identical on
+            every rank, and the loss functions receive the unwrapped module (for
+            FSDP2 an unsharded replica with full parameters); see
             :mod:`hyperopt_torch.distributed`.  A ``torch.compile`` wrapper
             is unwrapped too (compiled graphs have no double backward): the
             loss functions receive the eager module.
