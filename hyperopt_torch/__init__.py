@@ -1,5 +1,6 @@
 """hyperopt_torch: gradient-based hyperparameter optimisation by implicit differentiation."""
 
+from .hvp import Batching
 from .hypergrad import HypergradInfo, Hypergradient, implicit_hypergradient
 from .ihvp import SOLVER_NAMES, ConjugateGradient, Exact, Identity, Neumann, Nystrom, make_solver
 from .optim import HyperOptimizer
@@ -12,6 +13,7 @@ __all__ = [
     "implicit_hypergradient",
     "Hypergradient",
     "HypergradInfo",
+    "Batching",
     "make_solver",
     "SOLVER_NAMES",
     "Nystrom",

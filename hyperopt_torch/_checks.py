@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Sequence
 
-from torch import Tensor, nn
-from torch.nn.parameter import is_lazy
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch < 2.5, or built without distributed
-    try:
-        from torch.distributed._tensor import DTensor
-    except ImportError:
-        DTensor = None
+from torch import Tensor
 
 
 def is_dtensor(t) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter shard, for one)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    """Whether ``t`` is a ``torch.distributed.tensor`` ``DTensor`` (an FSDP2 parameter shard, for one).
+
+    Looked up in ``sys.modules``: a DTensor exists only once its module was imported, and importing
+    it here would add a second to ``import hyperopt_torch``.
+    """
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.5; 2.1 - 2.4
+        cls = getattr(sys.modules.get(name), "DTensor", None)
+        if cls is not None and isinstance(t, cls):
+            return True
+    return False
 
 
 def positive_int(name: str, value) -> int:
@@ -100,64 +100,4 @@ def require_graph(loss: Tensor, name: str) -> Tensor:
     raise ValueError(f"{name} returned a tensor with no autograd graph to the model parameters; {cause}")
 
 
-def check_model(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> list[Tensor]:
-    """The model's parameters with ``requires_grad``; ``ValueError`` for none, for a sparse-gradient or
-    ``scale_grad_by_freq`` embedding, for a complex parameter, or for an uninitialized lazy parameter
-    (``nn.LazyLinear`` before its first forward).
-
-    ``nn.Embedding(sparse=True)`` / ``nn.EmbeddingBag(sparse=True)`` produce
-    sparse gradients, which autograd cannot differentiate a second time, so no
-    Hessian-vector product exists for them; with ``scale_grad_by_freq=True``
-    PyTorch's second derivatives are wrong without an error (torch 2.13).  ``modules``, if given, is
-    ``list(model.modules())`` already walked by the caller.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    # One pass over the modules, in model.parameters() order (each tensor once), reading the registries
-    # directly: on a small model the generator behind parameters() and named_modules() costs more than
-    # the hypergradient's own bookkeeping.  Names are built only for the error message.
-    seen: set[int] = set()
-    params = []
-
-    def name_of(module: nn.Module) -> str:
-        return "model." + (next(n for n, m in model.named_modules() if m is module) or "<root>")
-
-    for module in model.modules() if modules is None else modules:
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.weight.requires_grad:
-            if module.sparse:
-                raise ValueError(
-                    f"{name_of(module)} is an {type(module).__name__}(sparse=True): its sparse gradients cannot be "
-                    "differentiated a second time, which Hessian-vector products need; construct it with sparse=False"
-                )
-            if module.scale_grad_by_freq:
-                # The double backward of its scaled gradient leaves the scaling out, while the products
-                # that reach its weight through the other parameters' gradients keep it: H is neither
-                # the Hessian of f nor the Jacobian of the scaled gradient, and no error says so.
-                raise ValueError(
-                    f"{name_of(module)} is an {type(module).__name__}(scale_grad_by_freq=True): PyTorch's second "
-                    "derivative of its frequency-scaled gradient is wrong (the scaling is left out), so the "
-                    "Hessian-vector products would be; construct it with scale_grad_by_freq=False"
-                )
-        for key, p in module._parameters.items():
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                if is_lazy(p):
-                    raise ValueError(
-                        f"{name_of(module)} ({type(module).__name__}) has uninitialized lazy parameters: run "
-                        "the model once on a batch before the first step, so that their shapes are known"
-                    )
-                if p.requires_grad and p.is_complex():
-                    raise ValueError(
-                        f"{name_of(module)}.{key} is a complex parameter ({p.dtype}): the Hessian-vector products and "
-                        "solvers work over real parameters; hold it as a real one (torch.view_as_real) and form the "
-                        "complex value in forward (torch.view_as_complex)"
-                    )
-                if p.requires_grad:
-                    params.append(p)
-    if not params:
-        raise ValueError("model has no parameters with requires_grad=True: there is no inner problem to differentiate")
-    return params
-
-
-__all__ = ["is_dtensor", "positive_int", "positive_float", "nonnegative_float", "check_scalar", "check_hparams", "require_graph",
-           "check_model"]
+__all__ = ["is_dtensor", "positive_int", "positive_float", "nonnegative_float", "check_scalar", "check_hparams", "require_graph"]

@@ -29,13 +29,14 @@ See docs/distributed.md for the measured communication and memory.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _fsdp
+from .ihvp import Operator
 
 
 class Collectives:
@@ -48,9 +49,10 @@ class Collectives:
     nothing is counted.
     """
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, device: torch.device | None = None):
         self.group = group
         self.world = 1 if group is None else dist.get_world_size(group)
+        self.device = device or torch.device("cpu")  # where host tensors go for a collective (NCCL: CUDA)
         self.collectives = 0
         self.bytes = 0
 
@@ -83,11 +85,12 @@ class Collectives:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         t.div_(self.world)
 
-    def matvec(self, hvp):
-        """Wrap a batched matvec ``V (B, p) -> (B, p)`` so that it returns the mean over ranks.
+    def matvec(self, hvp: Operator) -> Operator:
+        """Wrap a batched operator ``V (B, p) -> (B, p)`` so that it returns the mean over ranks.
 
-        An ``inplace`` variant of ``hvp`` (:func:`~hyperopt_torch.ihvp.matvec_inplace`) is
-        passed on, the mean then reduced in the input block itself.
+        The result is a collective :class:`~hyperopt_torch.ihvp.Operator`
+        (solvers must call it equally often on every rank); its in-place
+        variant reduces the mean in the input block itself.
         """
         if self.group is None:
             return hvp
@@ -97,16 +100,53 @@ class Collectives:
             self._all_reduce_mean(out)
             return out
 
-        averaged.collective = True  # solvers must not branch on local values around it (see ihvp.cg)
-        inplace = getattr(hvp, "inplace", None)
-        if inplace is not None:
-            def averaged_inplace(V: Tensor) -> Tensor:
-                out = inplace(V)  # V itself: contiguous, as matvec_inplace requires
-                self._all_reduce_mean(out)
-                return out
+        def averaged_inplace(V: Tensor) -> Tensor:
+            out = hvp.inplace(V)
+            out = out if out.is_contiguous() else out.contiguous()
+            self._all_reduce_mean(out)
+            return out
 
-            averaged.inplace = averaged_inplace
-        return averaged
+        return Operator(averaged, inplace=averaged_inplace, collective=True)
+
+    def check_agreement(self, description: dict[str, Any]) -> None:
+        """Raise on every rank if the ranks' ``description`` differ (one small ``all_gather_object``).
+
+        Ranks that disagree on the solver, its settings or the shapes make
+        different numbers or sizes of collectives, which gloo answers with a
+        C++ ``terminate`` and NCCL with a hang; this names the setting instead.
+
+        Raises:
+            ValueError: naming each entry that differs and its value on every rank.
+        """
+        if self.group is None:
+            return
+        gathered: list[Any] = [None] * self.world
+        self.collectives += 1
+        dist.all_gather_object(gathered, description, group=self.group)
+        differ = [key for key in description if any(other.get(key) != description[key] for other in gathered)]
+        if differ:
+            lines = "; ".join(f"{key}: " + ", ".join(f"rank {r} has {other.get(key)}" for r, other in
+                                                     enumerate(gathered)) for key in differ)
+            raise ValueError(f"the ranks disagree ({lines}): every rank must build the same solver with the same "
+                             "settings, the same hparam shapes and the same model; nothing was changed")
+
+    def synchronize(self, solver) -> None:
+        """Set a randomized solver's state (``state_dict``/``load_state_dict``: Nyström's generator) to rank 0's
+        on every rank (one broadcast per state tensor); a solver without state costs nothing."""
+        save = getattr(solver, "state_dict", None)
+        if self.group is None or not callable(save):
+            return
+        state = save()
+        synced = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                device = self.device if value.device.type == "cpu" else value.device
+                tensor = value.to(device).contiguous()
+                self._count(tensor)
+                dist.broadcast(tensor, src=dist.get_global_rank(self.group, 0), group=self.group)
+                value = tensor.to(state[key].device)
+            synced[key] = value
+        solver.load_state_dict(synced)
 
     def agree(self, checks: Tensor) -> Tensor:
         """Average the step's final check vector: ``[finite, f, g, (residual)]``.
@@ -152,8 +192,8 @@ class Collectives:
         return generator
 
 
-def data_parallel(model: nn.Module) -> tuple[nn.Module, Collectives]:
-    """``(module, collectives)`` for the hypergradient of ``model``.
+def data_parallel(model) -> tuple[Any, Collectives]:
+    """``(params, collectives)`` for the hypergradient of ``model`` (a module, or θ as a dict or list of tensors).
 
     * ``model`` wrapped in ``DistributedDataParallel``: the wrapped
       ``model.module`` and DDP's own process group.  The hypergradient calls
@@ -162,14 +202,15 @@ def data_parallel(model: nn.Module) -> tuple[nn.Module, Collectives]:
       fires on ``.backward()`` only, is never armed by the hypergradient's
       ``torch.autograd.grad`` passes; the user's next inner ``backward()``
       finds it as the last inner step left it.
-    * a plain module while the default process group is initialised with
-      more than one rank: the model is taken to be replicated by hand, and
-      everything is averaged over the default group.
+    * a plain module, or a dict or list of tensors, while the default process
+      group is initialised with more than one rank: θ is taken to be
+      replicated by hand, and everything is averaged over the default group.
     * an FSDP2 model (``fully_shard``; :mod:`hyperopt_torch._fsdp`): an
       unsharded, hook-free replica of it, each sharded parameter all-gathered
       once, and the fully_shard mesh's process group.  The loss functions
       receive the replica, whose parameters are full tensors; the FSDP model is
-      not modified.  FSDP1 (``FullyShardedDataParallel``) is refused.
+      not modified.  FSDP1 is refused by the rule table
+      (:mod:`hyperopt_torch._kinds`).
     * otherwise: ``model`` itself and a :class:`Collectives` that does nothing.
 
     Every rank must call the hypergradient the same number of times, with

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from typing import Any, Callable
 
 import torch
-from torch import nn
 from torch.optim import Optimizer
 
 from ._checks import check_hparams
 from ._warn import warn
-from .hvp import ENGINES
+from .hvp import ENGINES, Batching
 from .hypergrad import HypergradInfo, Hypergradient, LossFn, implicit_hypergradient
 from .ihvp import RESULT_NEUTRAL, SOLVER_SETTINGS, Solver, make_solver, solver_config
 
 _NONFINITE = ("warn", "raise")
-_ALL_SETTINGS = {s for settings in SOLVER_SETTINGS.values() for s in settings}
 
 
 def _tensors(params: list) -> list:
@@ -61,41 +60,59 @@ def _check_base(base) -> None:
                          "use torch.optim.Adam")
 
 
-def _split_keywords(ihvp, base: type, kwargs: dict) -> tuple[dict, dict]:
-    """Split ``HyperOptimizer``'s keywords into the solver's settings and ``base``'s arguments.
-
-    A keyword goes to the solver when it is in :data:`SOLVER_SETTINGS` for the
-    named solver, else to ``base``.  A keyword both take (Adadelta's ``rho``,
-    RMSprop's ``alpha`` with Neumann) is refused, as is a solver setting that
-    neither the chosen solver nor ``base`` takes.
-    """
-    takes = SOLVER_SETTINGS[ihvp] if isinstance(ihvp, str) else ()
-    signature = inspect.signature(base.__init__).parameters
-    base_takes = set(signature) - {"self", "params"}
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
-    solver, to_base, misplaced = {}, {}, []
-    for key, value in kwargs.items():
-        if value is None and key in _ALL_SETTINGS and key not in base_takes:
-            continue  # None means "the solver's default", as in make_solver
-        if key in takes and key in base_takes:
+def _build_solver(ihvp, settings: dict, base: type, base_kwargs: dict) -> Solver:
+    """The solver from ``ihvp`` and the settings given (``None`` ones dropped), under the collision rule:
+    a solver keyword is the solver's; ``base``'s argument of the same name goes in ``base_kwargs``."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    base_takes = set(inspect.signature(base.__init__).parameters) - {"self", "params"}
+    if not isinstance(ihvp, str):
+        if given:
+            hint = "".join(f"; for {base.__name__}'s {k}, pass base_kwargs={{{k!r}: {v!r}}}"
+                           for k, v in given.items() if k in base_takes)
+            raise ValueError(f"{', '.join(given)} given together with the solver object {ihvp!r}: set the solver's "
+                             f"settings on the object{hint}")
+        return ihvp
+    takes = SOLVER_SETTINGS.get(ihvp, ())
+    for key in given:
+        if key not in takes and key in base_takes:
+            raise ValueError(f"{key}={given[key]!r} does not apply to ihvp={ihvp!r} (it takes "
+                             f"{', '.join(takes) or 'no settings'}); for {base.__name__}'s {key}, pass "
+                             f"base_kwargs={{{key!r}: {given[key]!r}}}")
+        if key in takes and key in base_takes and key not in base_kwargs:
             raise ValueError(
-                f"{key}={value!r} is ambiguous: it is a setting of ihvp={ihvp!r} and an argument of {base.__name__}. "
-                f"Pass the solver's as ihvp={make_solver(ihvp).__class__.__name__}({key}=...); {key}= then goes to "
-                f"{base.__name__}"
-            )
-        if key in takes:
-            solver[key] = value
-        elif key in _ALL_SETTINGS and key not in base_takes and not open_ended:
-            misplaced.append(key)
-        else:
-            to_base[key] = value
-    if misplaced and isinstance(ihvp, str):
-        applies = ", ".join(takes) if takes else "no settings"
-        raise ValueError(f"{', '.join(misplaced)} does not apply to ihvp={ihvp!r} (it takes {applies}) "
-                         f"and is not an argument of {base.__name__}")
-    if misplaced:
-        raise ValueError(f"{', '.join(misplaced)} given together with the solver object {ihvp!r}: set them on the object")
-    return solver, to_base
+                f"{key}={given[key]!r} is a setting of ihvp={ihvp!r} and also an argument of {base.__name__}: "
+                f"the keyword sets the solver's; pass {base.__name__}'s as base_kwargs={{{key!r}: ...}} "
+                "(giving both says which is which)")
+    return make_solver(ihvp, **given)
+
+
+class _BaseState:
+    """What the base optimizer's step can change, for a rollback: one copy of the hparams' values and of
+    the tensors of their state (no ``state_dict()`` packing, no deep copy of the rest)."""
+
+    def __init__(self, base: Optimizer, hparams: list[torch.Tensor]):
+        self.base = base
+        self.hparams = hparams
+        self.grads = [h.grad for h in hparams]
+        with torch.no_grad():
+            self.values = [h.detach().clone() for h in hparams]
+            self.state = {h: {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                              for k, v in base.state[h].items()} for h in hparams if h in base.state}
+        self.groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for h, v in zip(self.hparams, self.values):
+                h.copy_(v)
+        for h, g in zip(self.hparams, self.grads):
+            h.grad = g
+        for h in self.hparams:
+            if h in self.state:
+                self.base.state[h] = self.state[h]
+            else:
+                self.base.state.pop(h, None)
+        for group, saved in zip(self.base.param_groups, self.groups):
+            group.update(saved)
 
 
 class HyperOptimizer(Optimizer):
@@ -110,7 +127,7 @@ class HyperOptimizer(Optimizer):
           (\nabla^2_\theta f)^{-1}\,\nabla_\theta g ,
 
     where ``f`` is the training loss, ``g`` the validation loss and θ the
-    model's parameters at their current (approximately optimal) values.  The
+    inner parameters at their current (approximately optimal) values.  The
     inverse-Hessian-vector product comes from ``ihvp``.
 
     Args:
@@ -120,44 +137,51 @@ class HyperOptimizer(Optimizer):
         base: the ``torch.optim.Optimizer`` subclass that updates φ.  One whose
             ``step`` needs a closure (``LBFGS``) or sparse gradients
             (``SparseAdam``) is refused.
-        ihvp: a solver object (:class:`Nystrom`, :class:`ConjugateGradient`,
-            :class:`Neumann`, :class:`Identity`, :class:`Exact`) or its name
-            ``"nystrom"``, ``"cg"``, ``"neumann"``, ``"identity"``, ``"exact"``.
+        ihvp: a solver object or its name (:data:`~hyperopt_torch.ihvp.SOLVER_NAMES`:
+            ``"nystrom"``, ``"cg"``, ``"neumann"``, ``"identity"``, ``"exact"``, ...).
+        rank, rho, chunk, sketch, seed: Nyström's ``k``, ``ρ``, ``κ``, test
+            matrix and generator seed (:class:`~hyperopt_torch.Nystrom`);
+            ``rho`` is also CG's and Exact's damping.
+        iters, alpha, tol: the iterative solvers' ``l``, Neumann's step ``α``
+            and CG's relative residual tolerance.
+            Every solver setting is ``None`` by default, meaning the solver's
+            own default; a setting given for a solver that does not take it is
+            refused, as is one given with a solver object.
         on_nonfinite: ``"warn"`` (default) or ``"raise"`` when a
             hypergradient or loss is not finite; either way nothing changes.
         residual: record ``‖(H + ρI)x − b‖/‖b‖`` in :attr:`last` (one HVP more).
-        engine: ``"func"`` (default) or ``"autograd"``: how Hessian-vector
-            products are computed (:mod:`hyperopt_torch.hvp`).  After one
-            fallback from ``"func"`` to ``"autograd"`` the optimizer keeps
-            using autograd.
-        **settings_and_base_kwargs: with a solver name, the settings
-            :data:`~hyperopt_torch.ihvp.SOLVER_SETTINGS` lists for it go to the
-            solver (Nyström: ``rank``, ``rho``, ``chunk``, ``sketch``, ``seed``;
-            CG: ``iters``, ``rho``, ``tol``; Neumann: ``iters``, ``alpha``;
-            Exact: ``rho``); everything else goes to ``base`` (``lr``,
-            ``momentum``, ...).
+        engine: ``"auto"`` (default: the faster engine, measured on the first
+            step of each model layout and kept in :attr:`batching`),
+            ``"func"`` or ``"autograd"`` (:mod:`hyperopt_torch.hvp`).  After a
+            fallback from torch.func to autograd the optimizer keeps autograd.
+        base_kwargs: arguments of ``base`` whose names are also solver
+            settings (Adadelta's ``rho``, RMSprop's ``alpha``): the keyword
+            always sets the solver's, and ``base_kwargs={"rho": 0.9}`` the
+            base's.  Giving only the keyword when both take it is refused.
+        **kwargs: every other argument of ``base`` (``lr``, ``momentum``, ...).
 
     Raises:
-        TypeError / ValueError at construction for empty or non-tensor
-        hparams, hparams that do not require grad, an invalid solver setting,
-        a solver setting that does not apply to the chosen solver, a keyword
-        that is both a setting of the chosen solver and an argument of
-        ``base`` (Adadelta's ``rho``: pass ``ihvp=Nystrom(rho=...)``, then
-        ``rho=`` goes to Adadelta), an unknown ``ihvp`` name, or a ``base``
-        that is not a usable optimizer class.
+        TypeError / ValueError at construction, naming the argument: empty or
+        non-tensor hparams, hparams that do not require grad, an invalid or
+        misplaced solver setting, an unknown ``ihvp`` name, a ``base`` that
+        is not a usable optimizer class, or what ``base`` itself rejects.
 
-    Use ``step(train_loss_fn, val_loss_fn, model)`` to compute the
+    Use ``step(train_loss_fn, val_loss_fn, params)`` to compute the
     hypergradient, store it in each hparam's ``.grad`` (replacing what was
-    there) and update; or ``accumulate(...)`` per task then ``step()`` for a
-    meta-batch; or :meth:`hypergradient` for the numbers alone.
+    there) and update; or ``accumulate(..., weight=w)`` per task then
+    ``step()`` for a meta-batch; or :meth:`hypergradient` for the numbers alone.
+    ``params`` is the inner model, or θ as a dict or list of tensors
+    (:func:`~hyperopt_torch.implicit_hypergradient`).
 
     The shell holds the base optimizer as :attr:`base` and delegates
     ``param_groups``, ``state``, ``defaults``, ``zero_grad``, ``add_param_group``
-    and the hook registrations to it, as torch.distributed.optim's wrappers
-    do; it relies on no private attribute of ``torch.optim.Optimizer``, so
-    ``copy.deepcopy``, ``pickle`` and ``torch.optim.lr_scheduler`` work.
-    ``state_dict()`` is the base's plus a ``"hyperopt"`` entry (solver name,
-    settings and state).
+    and the hook registrations to it, as torch.distributed.optim's
+    ``PostLocalSGDOptimizer`` does; it never calls ``Optimizer.__init__`` nor
+    touches its private attributes, so ``copy.deepcopy``, ``pickle``,
+    ``torch.optim.lr_scheduler`` and ``GradScaler`` work (tests/test_optim.py
+    checks each public feature against the base).  ``state_dict()`` is the
+    base's plus a ``"hyperopt"`` entry (solver, settings and state, and the
+    measured :attr:`batching`).
 
     Example::
 
@@ -176,10 +200,19 @@ class HyperOptimizer(Optimizer):
         base: type[Optimizer] = torch.optim.Adam,
         ihvp: Solver | str = "nystrom",
         *,
+        rank: int | None = None,
+        rho: float | None = None,
+        chunk: int | str | None = None,
+        sketch: str | None = None,
+        seed: int | None = None,
+        iters: int | None = None,
+        alpha: float | None = None,
+        tol: float | None = None,
         on_nonfinite: str = "warn",
         residual: bool = False,
-        engine: str = "func",
-        **settings_and_base_kwargs: Any,
+        engine: str = "auto",
+        base_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ):
         if isinstance(hparams, torch.Tensor):
             raise TypeError("hparams must be an iterable of tensors or param-group dicts, got a single tensor: wrap it in a list")
@@ -187,14 +220,18 @@ class HyperOptimizer(Optimizer):
         check_hparams(_flat_hparams(groups))
         _check_base(base)
         if isinstance(ihvp, str):
-            make_solver(ihvp)  # an unknown name is named before the keywords are sorted
+            make_solver(ihvp)  # an unknown name is named before the settings are checked
         elif isinstance(ihvp, type):
             raise TypeError(f"ihvp={ihvp.__name__} is a class: pass a solver object, e.g. ihvp={ihvp.__name__}(...), "
                             "or its name")
         elif not callable(getattr(ihvp, "solve", None)):
             raise ValueError(f"Invalid ihvp: {ihvp!r} (expected a solver name or an object with a solve() method)")
-        settings, base_kwargs = _split_keywords(ihvp, base, settings_and_base_kwargs)
-        self.solver = make_solver(ihvp, **settings) if isinstance(ihvp, str) else ihvp
+        base_kwargs = dict(base_kwargs or {})
+        both = sorted(set(base_kwargs) & set(kwargs))
+        if both:
+            raise ValueError(f"{', '.join(both)} given both as a keyword and in base_kwargs: give it once")
+        settings = dict(rank=rank, rho=rho, chunk=chunk, sketch=sketch, seed=seed, iters=iters, alpha=alpha, tol=tol)
+        self.solver = _build_solver(ihvp, settings, base, base_kwargs)
         if on_nonfinite not in _NONFINITE:
             raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (expected 'warn' or 'raise')")
         self.on_nonfinite = on_nonfinite
@@ -202,8 +239,10 @@ class HyperOptimizer(Optimizer):
         if engine not in ENGINES:
             raise ValueError(f"Invalid engine: {engine!r} (expected one of {', '.join(map(repr, ENGINES))})")
         self.engine = engine
-        self.base = base(groups, **base_kwargs)
+        self.batching = Batching()
+        self.base = base(groups, **kwargs, **base_kwargs)
         self.last: HypergradInfo | None = None
+        self._ranks_agreed = False  # under torch.distributed: checked on the first step and after a load
 
     # -- the torch.optim surface, delegated to the base optimizer ---------------
     @property
@@ -229,6 +268,7 @@ class HyperOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         check_hparams(_flat_hparams([param_group]), name="param_group['params']")
         self.base.add_param_group(param_group)
+        self._ranks_agreed = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -241,15 +281,19 @@ class HyperOptimizer(Optimizer):
         self.__dict__.update(state)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's ``state_dict()`` plus ``"hyperopt"``: ``{"name", "settings", "solver_state"}``.
+        """The base optimizer's ``state_dict()`` plus ``"hyperopt"``: ``{"name", "settings", "solver_state",
+        "base", "batching"}``.
 
         ``name`` and ``settings`` describe the solver (:func:`~hyperopt_torch.ihvp.solver_config`);
         ``solver_state`` is the solver's own ``state_dict()`` (Nyström's
-        generator state), ``None`` for a solver without state.
+        generator state), ``None`` for a solver without state; ``batching`` the
+        measured engine and batching choices (:class:`~hyperopt_torch.hvp.Batching`),
+        so that a run resumed in a new process computes the same products.
         """
         out = self.base.state_dict()
         out["hyperopt"] = {**solver_config(self.solver), "solver_state": self._solver_state(),
-                           "base": type(self.base).__name__}
+                           "base": type(self.base).__name__, "engine": self.engine,
+                           "batching": self.batching.state_dict()}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -296,6 +340,10 @@ class HyperOptimizer(Optimizer):
             self.base.load_state_dict(saved_base)
             self._restore_solver(saved_solver)
             raise
+        if entry.get("engine") in ENGINES:
+            self.engine = entry["engine"]
+        self.batching.load_state_dict(entry.get("batching", {}))
+        self._ranks_agreed = False
 
     def _solver_state(self):
         save = getattr(self.solver, "state_dict", None)
@@ -306,26 +354,30 @@ class HyperOptimizer(Optimizer):
             self.solver.load_state_dict(state)
 
     # -- hypergradients -------------------------------------------------------
-    def hypergradient(self, train_loss_fn: LossFn, val_loss_fn: LossFn, model: nn.Module) -> Hypergradient:
+    def hypergradient(self, train_loss_fn: LossFn, val_loss_fn: LossFn, params) -> Hypergradient:
         """Compute ``Hypergradient(grads, info)`` with this optimizer's solver, touching no ``.grad``.
 
         See :func:`~hyperopt_torch.implicit_hypergradient`.  Advances the
         solver's state (Nyström's generator); rolled back if the result is not
         finite or an error is raised.
         """
-        saved = self._solver_state()
+        return self._hypergradient(train_loss_fn, val_loss_fn, params, self._solver_state())
+
+    def _hypergradient(self, train_loss_fn, val_loss_fn, params, solver_state) -> Hypergradient:
         try:
             result = implicit_hypergradient(
-                self.hparams, train_loss_fn, val_loss_fn, model, self.solver,
-                residual=self.residual, engine=self.engine,
+                self.hparams, train_loss_fn, val_loss_fn, params, self.solver, residual=self.residual,
+                engine=self.engine, batching=self.batching, verify_ranks=not self._ranks_agreed,
             )
         except BaseException:
-            self._restore_solver(saved)
+            self._restore_solver(solver_state)
             raise
+        self._ranks_agreed = True
         self.last = result.info
-        self.engine = result.info.engine  # a loss torch.func cannot transform will not become transformable
+        if self.engine == "func":  # a loss torch.func cannot transform will not become transformable
+            self.engine = result.info.engine
         if result.info.skipped:
-            self._restore_solver(saved)
+            self._restore_solver(solver_state)
             cause = ("diverged solve (the Neumann terms grew: either alpha is above 2/λ_max of the Hessian, "
                      "or the Hessian has negative curvature, along which the series grows for every alpha; lower "
                      "alpha, or use CG or Nyström with rho above -λ_min)"
@@ -339,66 +391,85 @@ class HyperOptimizer(Optimizer):
             warn(message, RuntimeWarning)
         return result
 
-    def accumulate(self, train_loss_fn: LossFn, val_loss_fn: LossFn, model: nn.Module) -> HypergradInfo:
-        """Add the hypergradient to each hparam's ``.grad`` (like ``loss.backward()``); no update.
+    def accumulate(self, train_loss_fn: LossFn, val_loss_fn: LossFn, params, *, weight: float = 1.0) -> HypergradInfo:
+        """Add ``weight`` × the hypergradient into each hparam's ``.grad``, in place as ``loss.backward()``
+        does (a ``.grad`` that cannot be written in place, such as an expanded one, is replaced); no update.
 
-        For meta-batches: ``zero_grad()``, ``accumulate(...)`` once per task,
-        then ``step()``.  A non-finite hypergradient is not added.
+        For meta-batches: ``zero_grad()``, ``accumulate(..., weight=1/B)`` once
+        per task, then ``step()``: the mean of the tasks' hypergradients.  A
+        non-finite hypergradient is not added.
+
+        Raises:
+            ValueError: ``weight`` is not a finite number.
         """
-        grads, info = self.hypergradient(train_loss_fn, val_loss_fn, model)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"Invalid weight: {weight!r} (expected a finite number)")
+        grads, info = self.hypergradient(train_loss_fn, val_loss_fn, params)
         if not info.skipped:
-            for h, g in zip(self.hparams, grads):
-                h.grad = g if h.grad is None else h.grad + g
+            with torch.no_grad():
+                for h, g in zip(self.hparams, grads):
+                    if h.grad is None:
+                        h.grad = g if weight == 1 else g.mul_(weight)
+                        continue
+                    try:
+                        h.grad.add_(g, alpha=weight)
+                    except RuntimeError:  # an expanded or otherwise unwritable .grad: replaced, as autograd does
+                        h.grad = h.grad + weight * g
         return info
 
     def _update(self, apply: Callable[[], None], solver_state) -> None:
         """Run ``apply`` (which sets ``.grad`` and steps the base) as one transaction.
 
-        If it raises, the hparams' values and ``.grad``, the base optimizer's
-        state and ``solver_state`` are put back: one copy of the hparams and of
-        the base's state is made per step.
+        If it raises (or is interrupted), the hparams' values and ``.grad``,
+        the base optimizer's state and ``solver_state`` are put back: one copy
+        of the hparams and of their state's tensors is made per step
+        (:class:`_BaseState`).
         """
-        hparams = self.hparams
-        grads = [h.grad for h in hparams]
-        values = [h.detach().clone() for h in hparams]
-        base_state = copy.deepcopy(self.base.state_dict())
+        saved = _BaseState(self.base, self.hparams)
         try:
             apply()
         except BaseException:
-            with torch.no_grad():
-                for h, v in zip(hparams, values):
-                    h.copy_(v)
-            for h, g in zip(hparams, grads):
-                h.grad = g
-            self.base.load_state_dict(base_state)
+            saved.restore()
             self._restore_solver(solver_state)
             raise
 
-    def step(self, train_loss_fn: LossFn | None = None, val_loss_fn: LossFn | None = None,
-             model: nn.Module | None = None) -> HypergradInfo | None:
+    def step(self, train_loss_fn: LossFn | None = None, val_loss_fn: LossFn | None = None, params=None, *,
+             closure: Callable | None = None) -> HypergradInfo | None:
         """Update the hyperparameters.
 
-        With ``train_loss_fn``, ``val_loss_fn`` and ``model``: compute the
-        hypergradient at the model's current parameters, store it in each
-        hparam's ``.grad`` and take one step of the base optimizer; returns
-        the :class:`HypergradInfo` (also in :attr:`last`).  A non-finite
-        result changes nothing (warning, or ``FloatingPointError`` with
+        With ``train_loss_fn``, ``val_loss_fn`` and ``params``: compute the
+        hypergradient at θ's current values, store it in each hparam's
+        ``.grad`` and take one step of the base optimizer; returns the
+        :class:`HypergradInfo` (also in :attr:`last`).  A non-finite result
+        changes nothing (warning, or ``FloatingPointError`` with
         ``on_nonfinite="raise"``).  With no arguments: one base-optimizer step
-        on the gradients already in ``.grad``; returns ``None``.  Either way
-        an exception from the base optimizer's step leaves the hparams, their
-        ``.grad``, the base's state and the solver's state as they were.
+        on the gradients already in ``.grad`` (a warning if there are none);
+        returns ``None``.  Either way an exception from the base optimizer's
+        step leaves the hparams, their ``.grad``, the base's state and the
+        solver's state as they were.
 
         Through ``torch.amp.GradScaler`` (``scaler.step(hopt, ...)``) the step
         is the same: hypergradients are never scaled, so nothing is unscaled.
+
+        Raises:
+            TypeError: a ``closure`` (torch.optim's re-evaluation callback has
+                no meaning here), or only some of the three arguments.
         """
-        args = (train_loss_fn, val_loss_fn, model)
+        args = (train_loss_fn, val_loss_fn, params)
+        if closure is not None or (callable(train_loss_fn) and val_loss_fn is None and params is None):
+            raise TypeError("HyperOptimizer.step() takes no closure: call step(train_loss_fn, val_loss_fn, params) "
+                            "to compute and apply a hypergradient, or step() to apply the accumulated .grad")
         if all(a is None for a in args):
+            if all(h.grad is None for h in self.hparams):
+                warn("step() without arguments found no .grad on any hparam, so nothing was updated: call "
+                     "accumulate(...) first, or step(train_loss_fn, val_loss_fn, params)", UserWarning)
+                return None
             self._update(self.base.step, None)
             return None
         if any(a is None for a in args):
-            raise TypeError("step() takes either no arguments or all of train_loss_fn, val_loss_fn and model")
+            raise TypeError("step() takes either no arguments or all of train_loss_fn, val_loss_fn and params")
         solver_state = self._solver_state()
-        grads, info = self.hypergradient(train_loss_fn, val_loss_fn, model)
+        grads, info = self._hypergradient(train_loss_fn, val_loss_fn, params, solver_state)
         if not info.skipped:
             def apply() -> None:
                 for h, g in zip(self.hparams, grads):

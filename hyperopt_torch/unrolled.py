@@ -49,13 +49,11 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol, Sequence
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
-from ._fsdp import refuse_sharded
-from ._model import (LossCall, ModelSnapshot, SecondOrder, modules_of, reaches, refuse_once_differentiable,
-                     uncompiled)
 from ._checks import check_hparams, check_scalar, positive_int, require_graph
+from ._inner import Inner
+from ._kinds import RULE, Refused, RerunWatch, make_plan, reaches, refuse_once_differentiable, uncompiled
 from .hypergrad import LossFn
 
 __all__ = [
@@ -287,7 +285,7 @@ def unrolled_hypergradient(
     hparams: Sequence[Tensor],
     train_loss_fn: LossFn,
     val_loss_fn: LossFn,
-    model: nn.Module,
+    params,
     optimizer: InnerOptimizer,
     steps: int,
     truncate: int | None = None,
@@ -296,26 +294,26 @@ def unrolled_hypergradient(
 ) -> UnrolledHypergradient:
     """``dg(θ_T)/dφ`` by reverse-mode differentiation through ``steps`` inner updates.
 
-    Starting from the model's current parameters θ_0, takes ``T = steps``
-    differentiable steps ``θ_{t+1} = optimizer.step(θ_t, ∇_θ f(θ_t))`` and
-    back-propagates ``g = val_loss_fn`` at θ_T to the hparams.
+    Starting from the current θ_0, takes ``T = steps`` differentiable steps
+    ``θ_{t+1} = optimizer.step(θ_t, ∇_θ f(θ_t))`` and back-propagates
+    ``g = val_loss_fn`` at θ_T to the hparams.
 
     Args:
         hparams: leaf tensors φ with ``requires_grad=True``.  They may enter
             ``train_loss_fn`` (by closure, e.g. a penalty), the optimizer
             (``InnerSGD(lr=φ_lr)``) and ``val_loss_fn``; every path counts.
-        train_loss_fn: ``model ↦ f``, called once per step, in order (a
-            closure over a data iterator gives a new batch each step), with
-            attention on its math kernel and weight norm computed by its
-            formula (:class:`~hyperopt_torch._model.SecondOrder`).
-        val_loss_fn: ``model ↦ g``, called once, at θ_T.
-        model: θ are its parameters with ``requires_grad``; inside the loss
-            functions they hold θ_t (through ``functional_call``), so the loss
-            functions use ``model`` exactly as in the implicit API (a
-            ``torch.compile`` wrapper is unwrapped, as there).  Not with
-            activation checkpointing: its re-run of the forward inside the
-            backward reads the module's own parameters, not θ_t, and the
-            result is silently wrong (docs/api.md, "Model kinds").
+        train_loss_fn: ``params ↦ f``, called once per step, in order (a
+            closure over a data iterator gives a new batch each step), under
+            the model plan (:mod:`hyperopt_torch._kinds`).
+        val_loss_fn: ``params ↦ g``, called once, at θ_T.
+        params: θ as in :func:`~hyperopt_torch.implicit_hypergradient`: a
+            module (its parameters hold θ_t inside the loss functions, through
+            ``functional_call``; a ``torch.compile`` wrapper is unwrapped), a
+            dict or a list/tuple of tensors (the losses receive a copy holding
+            θ_t).  The rule table refuses what this path cannot compute right:
+            a loss reading parameters it captured, activation checkpointing
+            (its rerun in the backward reads θ_0), ``@once_differentiable``
+            ops, and the static refusals.
         optimizer: the differentiable inner optimizer, e.g. :class:`InnerSGD`
             or :class:`InnerAdam`; any object with
             ``step(params, grads, state) -> (params, state)``
@@ -324,9 +322,9 @@ def unrolled_hypergradient(
         steps: ``T ≥ 1``.
         truncate: ``K`` in ``1..T``, the number of final steps back-propagated
             through (Shaban et al.); ``None`` means ``K = T``.
-        write_back: copy θ_T into the model's parameters at the end (and keep
-            the buffers, e.g. BatchNorm statistics, as the ``T`` steps left
-            them), so that consecutive calls continue training.
+        write_back: copy θ_T into θ at the end (and keep the buffers, e.g.
+            BatchNorm statistics, as the ``T`` steps left them), so that
+            consecutive calls continue training.
 
     Returns:
         ``UnrolledHypergradient(grads, info)``: ``grads[i]`` has the shape,
@@ -335,11 +333,9 @@ def unrolled_hypergradient(
         ``info.skipped = True``.
 
     Raises:
-        TypeError / ValueError: bad hparams, ``steps``/``truncate`` out of
-            range, a loss that is not a scalar tensor, a model without
-            trainable parameters, a custom ``autograd.Function`` with a
-            ``@once_differentiable`` backward that θ reaches in the training
-            loss (searched at the first tracked step).
+        TypeError / ValueError: bad hparams or params, ``steps``/``truncate``
+            out of range, a loss that is not a scalar tensor, a refused model
+            kind (the ones above: searched at the first tracked step).
 
     Example (tuning the learning rate and a penalty through 20 steps)::
 
@@ -350,63 +346,63 @@ def unrolled_hypergradient(
         (g_lr, g_wd), info = unrolled_hypergradient([lr, log_wd], train, val, model, InnerSGD(lr), steps=20, truncate=5)
 
     Memory holds the graphs of ``K`` steps (``K`` forward-and-backward graphs
-    of ``f`` with ``create_graph=True``).  Unless ``write_back`` is set, the
-    model is left exactly as found: parameters and their ``.grad``, buffers
-    and train/eval modes.
+    of ``f`` with ``create_graph=True``).  Unless ``write_back`` is set, θ is
+    left exactly as found: values and their ``.grad``, buffers and modes.
     """
     hparams = check_hparams(hparams)
     steps = positive_int("steps", steps)
     keep = steps if truncate is None else positive_int("truncate", truncate)
     if keep > steps:
         raise ValueError(f"Invalid truncate: {truncate} (expected 1 <= truncate <= steps = {steps}, or None)")
-    model = uncompiled(model)  # compiled graphs have no double backward
-    refuse_sharded(model, "unrolled_hypergradient")  # functional_call on an FSDP module is silently wrong
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("model has no parameters with requires_grad=True: there is nothing to unroll")
-    names = [f"model.{n}" for n, _ in named]
-    params = [p for _, p in named]
-    call = LossCall(model)
+    inner = Inner(uncompiled(params))
+    params = inner.params
+    plan = make_plan(inner.modules, params, "unrolled", name_of=inner.name_of_module)
 
     def loss_at(fn: LossFn, theta: list[Tensor], what: str) -> Tensor:
-        loss = require_graph(check_scalar(functional_call(call, dict(zip(names, theta)), (fn,)), what), what)
+        loss = require_graph(check_scalar(inner.functional(fn, theta), what), what)
         # Searched only up to θ_t: the graph behind it (the earlier steps) was searched when it was
         # built, and searching it again would make the unroll O(T²).  Every call is searched, since
         # a loss function may read a captured reference on some calls only.
         if reaches(loss, params, stop=theta):
-            raise ValueError(
-                f"{what} reads model parameters through a reference it captured, which functional_call cannot "
-                "replace by θ_t: read them through its model argument (m.parameters(), m.weight, m(x))"
-            )
+            raise Refused("captured_parameter",
+                          f"{what} reads model parameters through a reference it captured, which the unrolled "
+                          "θ_t cannot replace: read them through its argument (m.parameters(), m.weight, m(x)); "
+                          f"{RULE['captured_parameter'].why}")
         return loss
 
     start = time.perf_counter()
-    modules = modules_of(model)
-    snapshot = ModelSnapshot(model, params, modules=modules)
-    second_order = SecondOrder(modules)
+    snapshot = inner.snapshot()
     done = False
     try:
         theta = [p.detach() for p in params]
         state = None
-        for t in range(steps):
-            tracked = t >= steps - keep
-            if t == steps - keep or not tracked:
-                # θ_{T−K} is a constant of the truncated problem: cut the graph here.  The optimizer
-                # state needs no cut: the untracked steps built it without a graph.
-                theta = [x.detach().requires_grad_() for x in theta]
-            with torch.enable_grad():
-                with second_order:  # the tracked steps' gradients are differentiated again
-                    train = loss_at(train_loss_fn, theta, "train_loss_fn")
-                if t == steps - keep:
-                    # The first tracked step's graph alone (θ_t its leaves): its gradient is differentiated
-                    # again, and autograd drops a @once_differentiable backward's paths there silently.
-                    refuse_once_differentiable(train, theta)
-                g = torch.autograd.grad(train, theta, create_graph=tracked, allow_unused=True)
-            g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, theta)]
-            with torch.set_grad_enabled(tracked):
-                theta, state = optimizer.step(theta, g, state)
-        val = loss_at(val_loss_fn, theta, "val_loss_fn")
-        hyper = torch.autograd.grad(val, hparams, allow_unused=True)
+        with plan:
+            for t in range(steps):
+                tracked = t >= steps - keep
+                if t == steps - keep or not tracked:
+                    # θ_{T−K} is a constant of the truncated problem: cut the graph here.  The optimizer
+                    # state needs no cut: the untracked steps built it without a graph.
+                    theta = [x.detach().requires_grad_() for x in theta]
+                with torch.enable_grad():
+                    with plan.training():  # the tracked steps' gradients are differentiated again
+                        train = loss_at(train_loss_fn, theta, "train_loss_fn")
+                    if t == steps - keep:
+                        # The first tracked step's graph alone (θ_t its leaves): its gradient is
+                        # differentiated again, and autograd drops a @once_differentiable backward's paths.
+                        refuse_once_differentiable(train, theta)
+                    with RerunWatch() as watch:
+                        g = torch.autograd.grad(train, theta, create_graph=tracked, allow_unused=True)
+                    if watch.module is not None:
+                        raise Refused("checkpoint",
+                                      f"train_loss_fn reran {type(watch.module).__name__}'s forward inside the "
+                                      "backward pass (activation checkpointing): the rerun reads the module's own "
+                                      "parameters θ_0, not the unrolled θ_t, so the hypergradient would be silently "
+                                      "wrong. Unroll the model without checkpointing, or use implicit_hypergradient.")
+                g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, theta)]
+                with torch.set_grad_enabled(tracked):
+                    theta, state = optimizer.step(theta, g, state)
+            val = loss_at(val_loss_fn, theta, "val_loss_fn")
+            hyper = torch.autograd.grad(val, hparams, allow_unused=True)
         grads = tuple(torch.zeros_like(h) if d is None else d.detach() for d, h in zip(hyper, hparams))
         checks = torch.stack(
             [torch.stack([torch.isfinite(d).all() for d in grads]).all().to(val.dtype), train.detach(), val.detach()]

@@ -88,11 +88,12 @@ def logistic() -> Problem:
 
 @pytest.fixture(autouse=True)
 def _func_engine_on_small_models(monkeypatch):
-    """The tests' models are tiny; keep engine="func" on torch.func there (hyperopt_torch.hvp.FUNC_MIN_PARAMS)
-    so both engines stay covered.  tests/test_hvp.py checks the size rule itself."""
-    from hyperopt_torch import hvp
+    """The tests' models are tiny; keep engine="func" on torch.func there (rule small_model,
+    hyperopt_torch._kinds.FUNC_MIN_PARAMS) so both engines stay covered.  tests/test_hvp.py checks the size
+    rule itself."""
+    from hyperopt_torch import _kinds
 
-    monkeypatch.setattr(hvp, "FUNC_MIN_PARAMS", 0)
+    monkeypatch.setattr(_kinds, "FUNC_MIN_PARAMS", 0)
 
 
 @pytest.fixture

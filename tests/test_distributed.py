@@ -219,6 +219,26 @@ def _worker(rank, init_file, out_dir):
     except common.RecipeError as error:
         record["uneven shard"] = str(error)
 
+    # 4b. Ranks that disagree (issue 17 C): one small collective on the first step tells every rank, by name, instead
+    #     of gloo's C++ terminate; the group stays usable.  A HyperOptimizer checks on its first step and after a load.
+    _, model, hparams = make_problem()
+    train, val = loss_fns(data, hparams)
+    odd = torch.zeros(2 if rank == 0 else 3, dtype=DT, requires_grad=True)
+    record["disagree"] = {}
+    for label, solver, phis in (("nystrom rank", Nystrom(rank=3 if rank == 0 else 5, rho=0.1), hparams),
+                                ("cg iters", ConjugateGradient(10 if rank == 0 else 20, rho=0.1), hparams),
+                                ("hparam shapes", ConjugateGradient(4, rho=0.1), [*hparams, odd])):
+        try:
+            implicit_hypergradient(phis, train, val, model, solver)
+            record["disagree"][label] = "accepted"
+        except ValueError as error:
+            record["disagree"][label] = str(error)
+    checked = HyperOptimizer(hparams, base=torch.optim.SGD, ihvp=seeded("cg", 0), lr=0.1)
+    counts = [checked.step(train, val, model).collectives, checked.step(train, val, model).collectives]
+    checked.load_state_dict(checked.state_dict())
+    counts.append(checked.step(train, val, model).collectives)
+    record["agreement"] = {"collectives": counts, "same": _gathered_equal(flat(hparams))}
+
     # 5. An exception on rank 1 while rank 0 waits in a collective: a short-timeout group makes rank 0 raise too.
     dist.barrier()  # rank 0 wrote the recipe's outputs: start in step, the short timeout is for the failure only
     ddp = nn.parallel.DistributedDataParallel(make_problem()[1], process_group=short)
@@ -307,7 +327,9 @@ def test_hypergradient_equals_single_process_full_batch(ranks, kind, name):
 
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_communication_is_counted_per_method(ranks, name):
-    """Broadcast of the generator, direct term (p + |φ|), the HVPs (hvps·p), residual HVP, mixed term (|φ|), six checks."""
+    """Broadcast of the generator, direct term (p + |φ|), the HVPs (hvps·p), residual HVP, mixed term (|φ|), six checks;
+    and the ranks' agreement check (one all_gather_object of a short description: a collective, its bytes pickled
+    by torch.distributed and not counted)."""
     _, model, hparams = make_problem()
     p, n_phi = sum(t.numel() for t in model.parameters()), sum(h.numel() for h in hparams)
     generator_bytes = torch.Generator().get_state().numel()
@@ -316,7 +338,7 @@ def test_communication_is_counted_per_method(ranks, name):
     if name in ONE_CALL_PER_HVP_BATCH:
         # + 1 for the residual's HVP.  CG meets negative curvature here but, data-parallel, keeps the masked
         # loop (no value-dependent return between all-reduces): all its products are still made.
-        assert info.collectives == 4 + ONE_CALL_PER_HVP_BATCH[name] + 1
+        assert info.collectives == 5 + ONE_CALL_PER_HVP_BATCH[name] + 1
     assert ranks[1]["ddp", name]["info"].comm_bytes == info.comm_bytes
 
 
@@ -326,7 +348,7 @@ def test_nystrom_without_generator_draws_one_sketch_for_all_ranks(ranks):
 
 def test_auto_chunk_is_refused_data_parallel_on_every_rank(ranks):
     for record in ranks:
-        assert "chunk='auto' cannot be used data-parallel" in record["auto chunk"]
+        assert "cannot be used data-parallel" in record["auto chunk"] and "chunk='auto'" in record["auto chunk"]
 
 
 def test_accumulate_with_per_rank_seeds_matches_single_process(ranks):
@@ -358,6 +380,22 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(ranks):
     for record in ranks:
         assert record["nan"]["skipped"] and record["nan"]["unchanged"] and record["nan"]["generator_unchanged"]
         assert not record["nan"]["then"]["skipped"] and record["nan"]["then"]["same"]
+
+
+@pytest.mark.parametrize("label, setting", [("nystrom rank", "solver"), ("cg iters", "solver"),
+                                            ("hparam shapes", "hparams")])
+def test_ranks_that_disagree_each_raise_a_python_error_naming_the_setting(ranks, label, setting):
+    """Rank 0 with Nystrom(rank=3), rank 1 with rank=5 (or CG with 10 against 20 iterations, or hparams of other
+    shapes) made different collectives: gloo killed rank 0 in C++ ("Received data size doesn't match")."""
+    for record in ranks:
+        message = record["disagree"][label]
+        assert message.startswith("the ranks disagree") and f"{setting}: rank 0 has" in message
+
+
+def test_a_hyperoptimizer_checks_agreement_on_its_first_step_and_after_a_load_only(ranks):
+    for record in ranks:
+        first, second, after_load = record["agreement"]["collectives"]
+        assert first == second + 1 and after_load == first and record["agreement"]["same"]
 
 
 def test_exception_on_one_rank_raises_on_every_rank_and_changes_nothing(ranks):

@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from hyperopt_torch import _kinds
 from hyperopt_torch import hvp as hvp_module
-from hyperopt_torch.hvp import HessianVectorProduct, flatten, training_hvp, unflatten
+from hyperopt_torch.hvp import Batching, HessianVectorProduct, flatten, training_hvp, unflatten
 
 DT = torch.float64
 
@@ -22,69 +23,6 @@ def test_flatten_unflatten_round_trip_and_none_is_zero():
     assert torch.equal(v[6:], torch.zeros(4))
     back = unflatten(torch.stack([v, 2 * v]), like)
     assert back[0].shape == (2, 2, 3) and torch.equal(back[0][1], 2 * like[0])
-
-
-def _graph():
-    """A scalar loss's gradient with its graph (create_graph), and the leaves, one unused."""
-    torch.manual_seed(1)
-    w, c = torch.randn(3, 2, dtype=DT, requires_grad=True), torch.randn(2, dtype=DT, requires_grad=True)
-    unused = torch.randn(4, dtype=DT, requires_grad=True)
-    loss = torch.tanh(torch.randn(5, 3, dtype=DT) @ w + c).pow(2).sum()
-    return loss, (w, c, unused)
-
-
-@pytest.mark.parametrize("debug_log", [False, True])
-def test_autograd_grad_is_torch_autograd_grad_bit_for_bit(debug_log, monkeypatch, request):
-    """The engine fast paths give the very numbers, the Nones and the graphs torch.autograd.grad gives: the
-    direct engine call on a CPU, and torch's entry point when autograd's debug logging wants its hooks."""
-    import logging
-
-    assert hvp_module._ENGINE_RUN_BACKWARD is not None, "this torch lacks the engine entry point: products are slower"
-    if debug_log:
-        monkeypatch.setattr(hvp_module, "_ENGINE", None)  # must not be reached: the entry point adds the log hooks
-        log = hvp_module._GRAPH_LOG
-        request.addfinalizer(lambda level=log.level: log.setLevel(level))  # setLevel also clears logging's cache
-        log.setLevel(logging.DEBUG)
-    loss, leaves = _graph()
-    ones = torch.ones_like(loss)
-    ours = hvp_module.autograd_grad((loss,), leaves, (ones,), create_graph=True)
-    ref = torch.autograd.grad(loss, leaves, ones, create_graph=True, allow_unused=True)
-    assert ours[2] is None and ref[2] is None
-    for a, b in zip(ours[:2], ref[:2]):
-        assert torch.equal(a, b) and a.requires_grad and b.requires_grad
-    v = tuple(torch.randn_like(g) for g in ours[:2])
-    second = hvp_module.autograd_grad(ours[:2], leaves, v, retain_graph=True)
-    second_ref = torch.autograd.grad(ref[:2], leaves, v, retain_graph=True, allow_unused=True)
-    assert second[2] is None and all(torch.equal(a, b) for a, b in zip(second[:2], second_ref[:2]))
-    assert not any(t.requires_grad for t in second[:2])
-    # retain_graph defaults to create_graph (False): the graph is freed as torch.autograd.grad frees it
-    hvp_module.autograd_grad(ours[:2], leaves, v)
-    with pytest.raises(RuntimeError, match="second time"):
-        hvp_module.autograd_grad(ours[:2], leaves, v)
-    # no .grad is written, as with torch.autograd.grad
-    assert all(t.grad is None for t in leaves)
-
-
-def test_autograd_grad_leaves_tensor_subclasses_to_torch_autograd_grad(monkeypatch):
-    """A subclass may define __torch_function__: only torch.autograd.grad dispatches it."""
-    class Tagged(torch.Tensor):
-        pass
-
-    loss, (w, c, unused) = _graph()
-    called = []
-    real = torch.autograd.grad
-    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: called.append(1) or real(*a, **k))
-    plain = hvp_module.autograd_grad((loss,), (w, c), (torch.ones_like(loss),), retain_graph=True)
-    assert not called
-    tagged = hvp_module.autograd_grad((loss,), (w, c), (torch.ones_like(loss).as_subclass(Tagged),))
-    assert called == [1] and all(torch.equal(a, b) for a, b in zip(plain, tagged))
-
-
-def test_autograd_grad_refuses_a_grad_output_of_another_size():
-    loss, (w, c, _) = _graph()
-    g = hvp_module.autograd_grad((loss,), (w,), (torch.ones_like(loss),), create_graph=True)
-    with pytest.raises(RuntimeError, match="shape"):
-        hvp_module.autograd_grad(g, (w,), (torch.ones(7, dtype=DT),))
 
 
 def test_batched_hvp_equals_dense_hessian_rows():
@@ -260,24 +198,29 @@ def test_strategy_is_the_fastest_measured_remembered_per_layout_and_ties_go_to_t
         return real_block(self, V, strategy, out)
 
     monkeypatch.setattr(HessianVectorProduct, "_block", charged)
-    monkeypatch.setattr(hvp_module, "STRATEGY_CACHE", {})
+    batching = Batching()
     model, X, y = _mlp_problem()
     loss = lambda m: nn.functional.cross_entropy(m(X), y)
-    hvp, _ = training_hvp(loss, model, list(model.parameters()))
+    hvp, _ = training_hvp(loss, model, list(model.parameters()), "func", batching=batching)
     V = torch.randn(5, hvp.numel, dtype=DT)
     out = hvp(V)
     assert ran == ["vmap", "loop", "vmap:3"] * 4 + ["loop"]  # warm-up run, three timed rounds, then the winner
     assert hvp.strategy == "loop"  # loop and vmap:3 tie at 1.0: the earlier candidate wins
-    (entry,) = hvp_module.STRATEGY_CACHE.values()
+    (entry,) = batching.strategies.values()
     assert entry == {"strategy": "loop", "seconds": {"vmap": 3.0, "loop": 1.0, "vmap:3": 1.0}}
     torch.testing.assert_close(out, V @ _dense_hessian(model, X, y), rtol=1e-10, atol=1e-12)
     # A new graph over the same layout reuses the choice without measuring; another block size measures again.
     ran.clear()
-    hvp2, _ = training_hvp(loss, model, list(model.parameters()))
+    hvp2, _ = training_hvp(loss, model, list(model.parameters()), "func", batching=batching)
     hvp2(V)
     assert ran == ["loop"] and hvp2.strategy == "loop"
     hvp2(V[:2])
-    assert ran[1:] == ["vmap", "loop"] * 4 + ["loop"] and len(hvp_module.STRATEGY_CACHE) == 2
+    assert ran[1:] == ["vmap", "loop"] * 4 + ["loop"] and len(batching.strategies) == 2
+    # Without a Batching nothing is timed: vmap, deterministically.
+    ran.clear()
+    hvp3, _ = training_hvp(loss, model, list(model.parameters()), "func")
+    hvp3(V)
+    assert ran == ["vmap"] and hvp3.strategy == "vmap"
 
 
 def test_hypergradient_info_records_the_strategy():
@@ -299,9 +242,9 @@ def test_func_engine_uses_autograd_below_the_size_threshold(monkeypatch):
     loss = lambda m: nn.functional.cross_entropy(m(X), y)
     params = list(model.parameters())
     p = sum(q.numel() for q in params)
-    monkeypatch.setattr(hvp_module, "FUNC_MIN_PARAMS", p + 1)
+    monkeypatch.setattr(_kinds, "FUNC_MIN_PARAMS", p + 1)
     small, _ = training_hvp(loss, model, params, "func")
-    monkeypatch.setattr(hvp_module, "FUNC_MIN_PARAMS", p)
+    monkeypatch.setattr(_kinds, "FUNC_MIN_PARAMS", p)
     large, _ = training_hvp(loss, model, params, "func")
     assert small.engine == "autograd" and large.engine == "func"
     V = torch.randn(3, p, dtype=DT)
@@ -354,9 +297,9 @@ def _wide_problem(dtype=torch.float32):
     return training_hvp(lambda m: ((m(X) - y) ** 2).mean(), model, list(model.parameters()))[0]
 
 
-def test_inplace_allocates_no_output_block_and_measuring_the_strategies_allocates_none(monkeypatch, live_bytes):
-    monkeypatch.setattr(hvp_module, "STRATEGY_CACHE", {})
+def test_inplace_allocates_no_output_block_and_measuring_the_strategies_allocates_none(live_bytes):
     hvp = _wide_problem()
+    hvp.batching = Batching()
     block = 16 * hvp.numel * 4
     V = torch.randn(16, hvp.numel)
     peak = {}

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hyperopt_torch import ConjugateGradient, Exact, Identity, Neumann, Nystrom, implicit_hypergradient
-from hyperopt_torch._model import modules_of
+from hyperopt_torch._inner import modules_of
 
 DT = torch.float64
 

@@ -6,7 +6,7 @@ import torch
 from hyperopt_torch import ConjugateGradient, Exact, Identity, Neumann, Nystrom, make_solver
 import hyperopt_torch.ihvp.cg as cg_module
 from hyperopt_torch.ihvp import (
-    Solution, cg_solve, exact_solve, identity_solve, neumann_solve, nystrom_solve, run_solver, sample_columns,
+    Operator, Solution, cg_solve, exact_solve, identity_solve, neumann_solve, nystrom_solve, run_solver, sample_columns,
 )
 
 DT = torch.float64
@@ -220,7 +220,7 @@ def test_cg_truncated_is_inexact_and_tol_stops_early(loop):
 
 
 def test_cg_zero_rhs_gives_zero_not_nan(loop):
-    x, _, negative = cg_solve(Counted(spd(5)), torch.zeros(5, dtype=DT), 5)
+    x, _, negative, *_ = cg_solve(Counted(spd(5)), torch.zeros(5, dtype=DT), 5)
     assert torch.equal(x, torch.zeros(5, dtype=DT)) and not negative
 
 
@@ -334,7 +334,7 @@ def test_noise_eigenvalues_of_products_stored_in_float32_are_cut(solve):
 
 def test_neumann_flags_a_step_above_two_over_lambda_max():
     A, b = spd(12, cond=10.0), torch.randn(12, generator=gen(1), dtype=DT)  # λmax = 10
-    x, diverged, _ = neumann_solve(Counted(A), b, 20, alpha=0.25)
+    x, diverged, _, *_ = neumann_solve(Counted(A), b, 20, alpha=0.25)
     assert bool(diverged) and torch.isfinite(x).all()  # finite, and wrong by orders of magnitude
     assert rel(x, torch.linalg.solve(A, b)) > 10
 
@@ -397,7 +397,7 @@ def test_cg_stops_at_the_first_non_positive_curvature_and_flags_it(loop):
     A = indefinite()
     b = torch.randn(A.shape[0], generator=gen(6), dtype=DT)
     mv = Counted(A)
-    x, _, negative = cg_solve(mv, b, 30)
+    x, _, negative, *_ = cg_solve(mv, b, 30)
     assert bool(negative)
     # The last iterate before the stop: more iterations change nothing, and it is the
     # minimiser over the positive-curvature Krylov directions, so bᵀx > 0 (a descent direction).
@@ -429,7 +429,7 @@ def test_cg_host_and_device_loops_agree(monkeypatch, A, dtype, tol):
 
 def test_cg_with_negative_curvature_at_the_first_step_returns_b(loop):
     b = torch.randn(8, dtype=DT)
-    x, _, negative = cg_solve(Counted(-spd(8)), b, 5)
+    x, _, negative, *_ = cg_solve(Counted(-spd(8)), b, 5)
     assert bool(negative) and torch.equal(x, b)
 
 
@@ -438,7 +438,7 @@ def test_cg_on_spd_is_never_flagged_and_damping_can_make_it_spd(loop):
     assert not bool(cg_solve(Counted(spd(20, cond=1e3)), b, 40).negative_curvature)
     A = indefinite()
     b = torch.randn(A.shape[0], generator=gen(6), dtype=DT)
-    x, _, negative = cg_solve(Counted(A), b, A.shape[0] + 5, rho=1.5)
+    x, _, negative, *_ = cg_solve(Counted(A), b, A.shape[0] + 5, rho=1.5)
     assert not bool(negative) and rel(x, damped_solve(A, b, 1.5)) < 1e-8
 
 
@@ -468,9 +468,7 @@ def test_data_parallel_matvec_keeps_the_masked_cg_loop():
     A = indefinite()
     b = torch.randn(A.shape[0], generator=gen(6), dtype=DT)
     mv = Counted(A)
-    collective = lambda V: mv(V)
-    collective.collective = True
-    solution = cg_solve(collective, b, 30)
+    solution = cg_solve(Operator(mv, collective=True), b, 30)
     assert bool(solution.negative_curvature) and mv.calls == 30
     torch.testing.assert_close(solution.x, cg_solve(Counted(A), b, 30).x, rtol=1e-12, atol=0)
 

@@ -20,8 +20,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrizations, parametrize
 
-from hyperopt_torch import Exact, InnerSGD, implicit_hypergradient, unrolled_hypergradient
-from hyperopt_torch import hvp as hvp_module
+from hyperopt_torch import Batching, Exact, InnerSGD, implicit_hypergradient, unrolled_hypergradient
 
 DT = torch.float64
 
@@ -361,7 +360,7 @@ def test_hardsigmoid_gets_the_second_derivatives_of_its_formula(inplace, engine)
 
 
 def test_the_hardsigmoid_formula_has_pytorchs_values_and_gradient_also_at_the_kinks():
-    from hyperopt_torch._model import _Formulas
+    from hyperopt_torch._kinds import Formulas as _Formulas
 
     x = torch.tensor([-4.0, -3.0, -1.0, 0.0, 3.0, 5.0], dtype=DT, requires_grad=True)
     want = nn.functional.hardsigmoid(x)
@@ -384,21 +383,22 @@ def test_unrolled_weight_norm_gets_the_second_derivatives_of_its_formula():
     assert (results[0] - results[1]).abs() <= 1e-12 * results[1].abs()  # was 10 % off
 
 
-def test_a_remembered_batched_strategy_that_fails_on_another_model_falls_back_to_a_loop(monkeypatch):
+def test_a_remembered_batched_strategy_that_fails_on_another_model_falls_back_to_a_loop():
     """GroupNorm's double backward has no batching rule under autograd (a shape error); a LayerNorm model with
-    the same parameter shapes may have made "vmap" the layout's remembered strategy."""
-    monkeypatch.setattr(hvp_module, "STRATEGY_CACHE", {})
+    the same parameter shapes may have made "vmap" the layout's remembered strategy (rule batched_product_failure)."""
+    batching = Batching()
     x, xv = inputs("vec")
     torch.manual_seed(0)
     layer = mlp(nn.LayerNorm(4))
     train, val, hparams = problem(layer, x, xv)
-    implicit_hypergradient(hparams, train, val, layer, Exact(), engine="autograd")
-    for entry in hvp_module.STRATEGY_CACHE.values():
+    implicit_hypergradient(hparams, train, val, layer, Exact(), engine="autograd", batching=batching)
+    assert batching.strategies
+    for entry in batching.strategies.values():
         entry["strategy"] = "vmap"
     torch.manual_seed(0)
     group = mlp(nn.GroupNorm(2, 4))
     train, val, hparams = problem(group, x, xv)
-    grads, info = implicit_hypergradient(hparams, train, val, group, Exact(), engine="autograd")
+    grads, info = implicit_hypergradient(hparams, train, val, group, Exact(), engine="autograd", batching=batching)
     want = dense_hypergradient(group, train, val, hparams)
     assert info.hvp_strategy == "loop" and all((g - w).norm() <= 1e-9 * w.norm() for g, w in zip(grads, want))
 
@@ -602,20 +602,19 @@ def test_checkpointed_attention_gets_the_dense_hypergradient(engine):
     assert all((g - w).norm() <= 1e-9 * w.norm() for g, w in zip(grads, want))
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="the backward's re-run of the forward reads the model's own parameters")
-def test_unrolled_through_a_checkpointed_block_matches_the_plain_model():
+def test_unrolled_refuses_a_checkpointed_model():
     """functional_call holds θ_t in the model for the loss call only; checkpointing runs the forward again in the
-    backward passes (the step's gradient, the final backward through the steps), where the module holds θ_0
-    again.  The shapes match, so checkpoint raises nothing: 35-92 % off over 1-3 steps, silently."""
+    backward passes, where the module holds θ_0 again.  The shapes match, so checkpoint raised nothing and the
+    hypergradient was 35-92 % off over 1-3 steps, silently (rule checkpoint): now refused, nothing changed."""
     x, xv = inputs("vec")
     torch.manual_seed(0)
-    plain = mlp()
-    results = []
-    for m in (plain, CheckpointedBlock(plain)):
-        train, val, hparams = problem(m, x, xv)
-        results.append(unrolled_hypergradient(hparams, train, val, m, InnerSGD(0.3), steps=2).grads)
-    assert all((c - p).norm() <= 1e-12 * p.norm() for p, c in zip(*results))
+    model = CheckpointedBlock(mlp())
+    train, val, hparams = problem(model, x, xv)
+    before = state(model)
+    with pytest.raises(ValueError, match=r"reran Sequential's forward inside the backward pass \(activation "
+                                         r"checkpointing\).*θ_0"):
+        unrolled_hypergradient(hparams, train, val, model, InnerSGD(0.3), steps=2)
+    assert_same_state(model, before)
 
 
 # Checkpointing runs the forward again inside each backward (the gradient, every product, the mixed term), where

@@ -68,8 +68,9 @@ def test_chunk_auto_picks_the_largest_kappa_that_fits_and_reports_it(monkeypatch
     monkeypatch.setattr(nystrom, "free_memory", lambda device: int(3.5 * per_column / nystrom.AUTO_MARGIN))
     assert nystrom.auto_chunk(lambda V: V @ A, b, k) == 3
     solver = Nystrom(rank=k, chunk="auto")
-    x = solver.solve(lambda V: V @ A, b, torch.Generator().manual_seed(0))
-    assert solver.last_chunk == 3
+    solution = solver.solve_with_flags(lambda V: V @ A, b, torch.Generator().manual_seed(0))
+    x = solution.x
+    assert solution.chunk == 3
     fixed = Nystrom(rank=k, chunk=3).solve(lambda V: V @ A, b, torch.Generator().manual_seed(0))
     assert rel(x, fixed) < 1e-13
     monkeypatch.setattr(nystrom, "free_memory", lambda device: 10**15)

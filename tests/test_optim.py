@@ -63,7 +63,8 @@ def test_param_groups_are_shared_with_the_base_and_scheduler_drives_them(ridge):
     assert isinstance(hopt, torch.optim.Optimizer)
     assert hopt.hparams == [ridge.phi, other]
     sched = torch.optim.lr_scheduler.StepLR(hopt, step_size=1, gamma=0.5)
-    hopt.step()
+    with pytest.warns(UserWarning, match="found no .grad on any hparam, so nothing was updated"):
+        hopt.step()
     sched.step()
     assert [g["lr"] for g in hopt.base.param_groups] == [0.5, 0.005]
     extra = torch.zeros(2, dtype=DT, requires_grad=True)
@@ -235,7 +236,7 @@ def test_runs_on_the_model_device():
         (dict(ihvp="newton"), ValueError, "Invalid ihvp"),
         (dict(ihvp=3), ValueError, "Invalid ihvp"),
         (dict(ihvp="cg", rank=3), ValueError, "rank does not apply"),
-        (dict(ihvp=Nystrom(), rank=3), ValueError, "set them on the object"),
+        (dict(ihvp=Nystrom(), rank=3), ValueError, "settings on the object"),
         (dict(base=torch.nn.Linear), TypeError, "base must be a torch.optim.Optimizer subclass"),
         (dict(base=torch.optim.Adam([torch.zeros(1, requires_grad=True)])), TypeError,
          r"not an instance: pass base=torch.optim.Adam and its settings as keywords"),
@@ -251,15 +252,20 @@ def test_bad_construction_raises_naming_the_argument(kwargs, error, match):
 
 def test_neumann_object_and_base_kwargs_pass_through():
     h = torch.zeros(2, requires_grad=True)
-    hopt = HyperOptimizer([h], base=torch.optim.RMSprop, ihvp=Neumann(iters=3, alpha=0.1), lr=0.01, alpha=0.9)
+    hopt = HyperOptimizer([h], base=torch.optim.RMSprop, ihvp=Neumann(iters=3, alpha=0.1), lr=0.01,
+                          base_kwargs={"alpha": 0.9})
     assert hopt.base.defaults["alpha"] == 0.9 and hopt.solver.alpha == 0.1
     assert "RMSprop" in repr(hopt)
+    with pytest.raises(ValueError, match=r"alpha given together with the solver object .*base_kwargs=\{'alpha': 0\.9\}"):
+        HyperOptimizer([h], base=torch.optim.RMSprop, ihvp=Neumann(), lr=0.01, alpha=0.9)
+    with pytest.raises(ValueError, match="lr given both as a keyword and in base_kwargs"):
+        HyperOptimizer([h], lr=0.1, base_kwargs={"lr": 0.2})
 
 
 def test_optimizer_remembers_an_engine_fallback(ridge):
     weight = ridge.model.weight
     train = lambda m: ridge.train_loss(m) + 0.25 * (ridge.phi.exp() * weight[0] ** 2).sum()
-    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="identity", lr=0.0)
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="identity", lr=0.0, engine="func")
     assert hopt.engine == "func"
     with pytest.warns(UserWarning, match="falling back"):
         hopt.step(train, ridge.val_loss, ridge.model)
@@ -383,24 +389,39 @@ def test_checkpoint_records_the_solver_and_refuses_another(ridge):
         same.load_state_dict(torch.optim.Adam([ridge.phi]).state_dict())
 
 
-def test_keyword_of_both_the_solver_and_the_base_is_refused_saying_how_to_pass_each():
+def test_a_solver_keyword_is_the_solvers_and_a_colliding_base_argument_goes_in_base_kwargs():
+    """The one collision rule: rank, rho, chunk, sketch, seed, iters, alpha, tol set the solver; Adadelta's rho
+    and RMSprop's alpha go in base_kwargs, and the bare keyword alone is refused where both take it."""
     h = torch.zeros(2, requires_grad=True)
-    with pytest.raises(ValueError, match=r"rho=0\.9 is ambiguous.*ihvp=Nystrom\(rho=\.\.\.\); rho= then goes to Adadelta"):
+    with pytest.raises(ValueError, match=r"rho=0\.9 is a setting of ihvp='nystrom' and also an argument of Adadelta.*"
+                                         r"base_kwargs=\{'rho': \.\.\.\}"):
         HyperOptimizer([h], base=torch.optim.Adadelta, ihvp="nystrom", rho=0.9)
-    with pytest.raises(ValueError, match=r"rho=0\.9 is ambiguous.*ihvp=ConjugateGradient\(rho=\.\.\.\)"):
-        HyperOptimizer([h], base=torch.optim.Adadelta, ihvp="cg", rho=0.9)
-    hopt = HyperOptimizer([h], base=torch.optim.Adadelta, ihvp=Nystrom(rho=0.5), rho=0.9)
+    hopt = HyperOptimizer([h], base=torch.optim.Adadelta, ihvp="nystrom", rho=0.5, base_kwargs={"rho": 0.9})
     assert hopt.base.defaults["rho"] == 0.9 and hopt.solver.rho == 0.5
-    with pytest.raises(ValueError, match=r"alpha=0\.9 is ambiguous.*ihvp=Neumann\(alpha=\.\.\.\); alpha= then goes to RMSprop"):
-        HyperOptimizer([h], base=torch.optim.RMSprop, ihvp="neumann", alpha=0.9)
-    hopt = HyperOptimizer([h], base=torch.optim.RMSprop, ihvp="nystrom", rank=3, alpha=0.9)
+    hopt = HyperOptimizer([h], base=torch.optim.Adadelta, ihvp=Nystrom(rho=0.5), base_kwargs={"rho": 0.9})
+    assert hopt.base.defaults["rho"] == 0.9 and hopt.solver.rho == 0.5
+    with pytest.raises(ValueError, match=r"alpha=0\.9 does not apply to ihvp='nystrom'.*for RMSprop's alpha, pass "
+                                         r"base_kwargs=\{'alpha': 0\.9\}"):
+        HyperOptimizer([h], base=torch.optim.RMSprop, ihvp="nystrom", rank=3, alpha=0.9)
+    hopt = HyperOptimizer([h], base=torch.optim.RMSprop, ihvp="nystrom", rank=3, base_kwargs={"alpha": 0.9})
     assert hopt.base.defaults["alpha"] == 0.9 and hopt.solver.rank == 3
     assert HyperOptimizer([h], base=torch.optim.SGD, ihvp="neumann", iters=4, alpha=0.3, lr=0.1).solver.alpha == 0.3
     assert HyperOptimizer([h], base=torch.optim.SGD, ihvp="cg", tol=1e-6, lr=0.1).solver.tol == 1e-6
     solver = HyperOptimizer([h], base=torch.optim.SGD, sketch="gaussian", seed=4, lr=0.1).solver
     assert solver.sketch == "gaussian" and solver.seed == 4
-    with pytest.raises(ValueError, match=r"alpha does not apply to ihvp='nystrom' .*not an argument of Adam"):
+    with pytest.raises(ValueError, match=r"alpha does not apply to ihvp='nystrom' \(it takes rank, rho"):
         HyperOptimizer([h], base=torch.optim.Adam, ihvp="nystrom", alpha=0.3)
+
+
+def test_every_solver_setting_is_an_explicit_keyword_of_the_constructor():
+    """help(), the signature and a type checker see each setting; None means the solver's default."""
+    import inspect
+
+    from hyperopt_torch.ihvp import SOLVER_SETTINGS
+
+    signature = inspect.signature(HyperOptimizer.__init__).parameters
+    for name in {s for settings in SOLVER_SETTINGS.values() for s in settings}:
+        assert signature[name].kind is inspect.Parameter.KEYWORD_ONLY and signature[name].default is None
 
 
 def test_docs_settings_table_is_the_librarys():
@@ -472,7 +493,7 @@ def test_failed_base_step_changes_nothing(ridge):
 def test_users_own_transient_exception_propagates_and_the_engine_stays(ridge):
     """A data loader that fails once: the error is the user's, not torch.func's, so it propagates at
     once; the loss is not called again and the optimizer does not switch to autograd for good."""
-    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Nystrom(3, 0.1), lr=0.1)
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Nystrom(3, 0.1), lr=0.1, engine="func")
     generator = hopt.solver.generator.get_state()
     calls = []
 

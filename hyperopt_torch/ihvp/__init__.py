@@ -1,21 +1,21 @@
-"""Inverse-Hessian-vector-product solvers, each over a batched ``matvec``.
+"""Inverse-Hessian-vector-product solvers, each over a batched operator.
 
 Every solver exposes ``name``, ``damping`` (the ρ of the system
 ``(H + ρI)x = b`` it targets) and ``solve(matvec, b, generator=None) -> x``
-with ``matvec(V: (B, p)) -> (B, p)`` (optionally with an in-place variant,
-:func:`matvec_inplace`) and ``b: (p,)``; CG and Neumann also have
-``solve_with_flags``, returning a :class:`Solution` (``x`` with device-side
-flags: ``diverged``, ``negative_curvature``).  The package is a leaf: it knows nothing about
-models, any matvec can drive it (as jaxopt's ``linear_solve``).  A plain function sits
-under each class (:func:`nystrom_solve`, :func:`cg_solve`, ...), so every
-solver can be run on a dense matrix: ``matvec = lambda V: V @ A``.
+with ``matvec`` an :class:`Operator` or any callable ``V (B, p) -> V H (B, p)``
+and ``b: (p,)``; the built-in solvers also have ``solve_with_flags``,
+returning a :class:`Solution` (``x`` with device-side flags and the κ and ρ
+used).  The package is a leaf: it knows nothing about models, any operator
+can drive it (as jaxopt's ``linear_solve``).  A plain function sits under
+each class (:func:`nystrom_solve`, :func:`cg_solve`, ...), so every solver
+can be run on a dense matrix: ``matvec = lambda V: V @ A``.
 :func:`~hyperopt_torch.implicit_hypergradient` calls ``solve`` under
 ``torch.no_grad()``: a custom solver needs no autograd and gets none.
 """
 
 from __future__ import annotations
 
-from ._base import Matvec, Solution, Solver, matvec_inplace, run_solver
+from ._base import Matvec, Operator, Solution, Solver, as_operator, matvec_inplace, run_solver
 from .cg import ConjugateGradient, cg_solve
 from .exact import Exact, exact_memory, exact_solve
 from .identity import Identity, identity_solve
@@ -78,7 +78,7 @@ def solver_config(solver) -> dict:
 
 
 __all__ = [
-    "Matvec", "Solution", "Solver", "matvec_inplace", "run_solver", "make_solver", "SOLVER_NAMES", "SOLVER_SETTINGS", "RESULT_NEUTRAL",
+    "Matvec", "Operator", "as_operator", "Solution", "Solver", "matvec_inplace", "run_solver", "make_solver", "SOLVER_NAMES", "SOLVER_SETTINGS", "RESULT_NEUTRAL",
     "solver_config",
     "Nystrom", "ConjugateGradient", "Neumann", "Identity", "Exact",
     "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "neumann_solve", "identity_solve", "exact_solve",

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from .._checks import nonnegative_float, positive_float, positive_int
-from ._base import Matvec, Solution, working_precision
+from ._base import Matvec, Operator, Solution, working_precision
 
 
 HOST_SCALARS = ("cpu",)
@@ -56,7 +56,7 @@ HOST_SCALARS = ("cpu",)
 the device and no iteration synchronises."""
 
 
-def cg_solve(matvec: Matvec, b: Tensor, iters: int, rho: float = 0.0, tol: float | None = None) -> Solution:
+def cg_solve(matvec: Matvec | Operator, b: Tensor, iters: int, rho: float = 0.0, tol: float | None = None) -> Solution:
     """Run at most ``iters`` CG iterations on ``(H + ρI) x = b`` from ``x₀ = 0``.
 
     ``b`` has shape ``(p,)``; ``x`` has its shape, dtype and device (a
@@ -70,12 +70,12 @@ def cg_solve(matvec: Matvec, b: Tensor, iters: int, rho: float = 0.0, tol: float
     Returns :class:`~hyperopt_torch.ihvp.Solution` ``(x, diverged=None, negative_curvature)``.
     """
     out_dtype = b.dtype
-    # A data-parallel matvec (``collective``) keeps the masked loop: ranks must make the same number of
+    op, b = working_precision(matvec, b)
+    A = op.damped(rho)  # the system matrix H + ρI
+    # A data-parallel operator (``collective``) keeps the masked loop: ranks must make the same number of
     # (all-reduced) products, and a value-dependent return would rely on bit-identical local dot products.
-    collective = getattr(matvec, "collective", False)
-    matvec, b = working_precision(matvec, b)
-    if b.device.type in HOST_SCALARS and not collective:
-        return _cg_host(matvec, b, iters, rho, tol, out_dtype)
+    if b.device.type in HOST_SCALARS and not op.collective:
+        return _cg_host(A, b, iters, tol, out_dtype, rho)
     x = torch.zeros_like(b)
     r = b.clone()
     d = r.clone()
@@ -85,9 +85,7 @@ def cg_solve(matvec: Matvec, b: Tensor, iters: int, rho: float = 0.0, tol: float
     at_start = negative
     stop = None if tol is None else (tol * b.norm()).item()
     for j in range(iters):
-        Ad = matvec(d)
-        if rho:
-            Ad = Ad + rho * d
+        Ad = A(d)
         curvature = d.dot(Ad)
         # Only a negative dᵀ(H+ρI)d is evidence of negative curvature.  A zero one is a direction in the
         # null space of a positive semi-definite H + ρI, a zero direction (convergence), or a product that
@@ -111,10 +109,10 @@ def cg_solve(matvec: Matvec, b: Tensor, iters: int, rho: float = 0.0, tol: float
         d = r + beta * d
         rs = rs_new
     x = torch.where(at_start, b, x)
-    return Solution(x.to(out_dtype), negative_curvature=negative)
+    return Solution(x.to(out_dtype), negative_curvature=negative, damping=rho)
 
 
-def _cg_host(matvec: Matvec, b: Tensor, iters: int, rho: float, tol: float | None, out_dtype: torch.dtype) -> Solution:
+def _cg_host(A: Operator, b: Tensor, iters: int, tol: float | None, out_dtype: torch.dtype, rho: float) -> Solution:
     """:func:`cg_solve` for vectors in host memory: the same iteration, with its scalars as Python floats.
 
     Reading a scalar costs nothing on the CPU, while each 0-dim tensor operation of
@@ -137,13 +135,11 @@ def _cg_host(matvec: Matvec, b: Tensor, iters: int, rho: float, tol: float | Non
     rs = r.dot(r).item()
     stop = None if tol is None else tol * math.sqrt(rs)
     for j in range(iters):
-        Ad = matvec(d)
-        if rho:
-            Ad = torch.add(Ad, d, alpha=rho)
+        Ad = A(d)
         curvature = d.dot(Ad).item()
         if curvature < 0:  # negative curvature (module docstring): keep the last iterate, or b at the start
             x = b.clone() if j == 0 else x
-            return Solution(x.to(out_dtype), negative_curvature=torch.ones((), dtype=torch.bool))
+            return Solution(x.to(out_dtype), negative_curvature=torch.ones((), dtype=torch.bool), damping=rho)
         if curvature != 0:  # a zero curvature takes no step and is not flagged (see cg_solve)
             step = scalar(rs / curvature)
             x.add_(d, alpha=step)
@@ -153,7 +149,7 @@ def _cg_host(matvec: Matvec, b: Tensor, iters: int, rho: float, tol: float | Non
             break
         d = torch.add(r, d, alpha=scalar(rs_new / rs) if rs != 0 else 0.0)
         rs = rs_new
-    return Solution(x.to(out_dtype), negative_curvature=torch.zeros((), dtype=torch.bool))
+    return Solution(x.to(out_dtype), negative_curvature=torch.zeros((), dtype=torch.bool), damping=rho)
 
 
 class ConjugateGradient:

@@ -38,10 +38,10 @@ import torch
 from torch import Tensor
 
 from .._checks import positive_float, positive_int
-from ._base import Matvec, Solution, working_precision
+from ._base import Matvec, Operator, Solution, working_precision
 
 
-def neumann_solve(matvec: Matvec, b: Tensor, iters: int, alpha: float) -> Solution:
+def neumann_solve(matvec: Matvec | Operator, b: Tensor, iters: int, alpha: float) -> Solution:
     """``α Σ_{j=0}^{iters} (I − αH)^j b`` using ``iters`` calls of ``matvec``.
 
     ``b`` has shape ``(p,)``; ``x`` has the shape, dtype and device of ``b`` (a
@@ -60,7 +60,7 @@ def neumann_solve(matvec: Matvec, b: Tensor, iters: int, alpha: float) -> Soluti
         acc += v
     # max_j ‖v_j‖ is ‖v_0‖ or ‖v_l‖ (module docstring): two norms, one comparison, on the device
     diverged = torch.linalg.vector_norm(v) > slack * torch.linalg.vector_norm(b)
-    return Solution(acc.mul_(alpha).to(out_dtype), diverged=diverged)
+    return Solution(acc.mul_(alpha).to(out_dtype), diverged=diverged, damping=0.0)
 
 
 class Neumann:

@@ -1,79 +1,32 @@
 """Nyström low-rank inverse-Hessian-vector product (Hataya & Yamada 2023).
 
 The Hessian is replaced by its rank-``k`` Nyström approximation (Eq. 4)
+``H_k = (HΩ) (ΩᵀHΩ)† (HΩ)ᵀ``, where the ``p × k`` test matrix ``Ω`` selects
+``k`` random columns of the identity (``sketch="columns"``, the paper's
+choice: ``HΩ = H[:, K]``) or has Gaussian entries (``sketch="gaussian"``,
+Frangella, Tropp & Udell 2021).  The damped inverse ``(H_k + ρI)⁻¹ b`` comes
+from the Woodbury identity (Eq. 5–6).
 
-    H_k = (HΩ) (ΩᵀHΩ)† (HΩ)ᵀ,
+Everything the solve needs is three small float64 quantities, ``W = ΩᵀHΩ``,
+``G = (HΩ)ᵀ(HΩ)`` and ``c = (HΩ)ᵀb``, plus one combination
+``x = a·b + (HΩ)β``.  ``chunk = κ`` sets how many of the ``k`` columns are held
+at once: ``κ = k`` is the time-efficient Eq. 6 (``k`` HVPs, one ``k × p``
+block), ``κ = 1`` the space-efficient Eq. 8–9 and ``1 < κ < k`` Algorithm 1
+(``κ·m(m+1)/2`` HVPs with ``m = ⌈k/κ⌉``, two ``κ × p`` blocks).  Algorithm 1's
+sequential Woodbury updates are functions of the same small quantities, so
+every κ gives the same vector up to rounding.
 
-where the ``p × k`` test matrix ``Ω`` selects ``k`` random columns of the
-identity (``sketch="columns"``: ``HΩ = H[:, K]``, ``ΩᵀHΩ = H[K, K]``, the
-paper's choice) or has Gaussian entries (``sketch="gaussian"``: the
-randomized Nyström approximation of Frangella, Tropp & Udell, which cannot
-pick an all-zero Hessian column).  The damped inverse ``(H_k + ρI)⁻¹ b`` is
-then computed through the Woodbury identity (Eq. 5–6).
-
-Cost and the κ trade-off (Section 2.3–2.4, Table 1)
----------------------------------------------------
-Everything the solve needs is three small float64 quantities — ``W = ΩᵀHΩ``,
-the Gram matrix ``G = (HΩ)ᵀ(HΩ)`` and ``c = (HΩ)ᵀ b`` (all ``k × k`` or
-``k``) — plus one final combination ``x = a·b + (HΩ) β``.  ``chunk = κ``
-controls how many of the ``k`` columns ``HΩ`` are held at once:
-
-* ``κ = k`` (time-efficient, Eq. 6): one batched backward computes all ``k``
-  columns; ``k`` HVPs, one ``k × p`` block (the products are written over
-  the test rows they were computed from).
-* ``κ = 1`` (space-efficient, Eq. 8–9) and ``1 < κ < k`` (Algorithm 1): the
-  ``m = ⌈k/κ⌉`` column blocks are recomputed as the blockwise Gram matrix
-  needs them; ``κ·m(m+1)/2`` HVPs, two ``κ × p`` blocks.
-
-Algorithm 1's sequential Woodbury updates ``Ĥ ← Ĥ − ĤL(J + LᵀĤL)⁻¹LᵀĤ`` are,
-in exact arithmetic, functions of these same small quantities, so every κ
-returns the same vector up to rounding.
-
-Numerics
---------
-The literal Eq. 6, ``x = b/ρ − (1/ρ²) C (W + CᵀC/ρ)⁻¹ Cᵀ b``, subtracts two
-vectors of size ``‖b‖/ρ`` to get one of size ``‖H⁻¹b‖``, losing about
-``log10(1/ρ)`` digits, and its ``k × k`` inverse fails when ``W`` is singular
-(a dead ReLU unit gives an all-zero column, Section 5).  Instead:
-
-1. ``W = UΛUᵀ`` (symmetrised, float64); eigenvalues at or below the noise
-   of the Hessian-vector products are dropped, which is the pseudo-inverse of
-   Eq. 4 (the cut-off is derived in :mod:`hyperopt_torch.ihvp._linalg`: the
-   larger of twice the norm of the computed ``W``'s skew-symmetric part — the
-   products' own disagreement — and ``k·ε₆₄·max|λ|``).
-   ``L = (HΩ)U_r`` gives ``H_k = LΛ_r⁻¹Lᵀ`` (Eq. 8).
-2. ``LᵀL = EDEᵀ`` gives an orthonormal basis ``Q = L E D^{-1/2}`` of the range
-   of ``H_k`` (a Cholesky-QR in the small space) and
-   ``H_k = Q S Qᵀ`` with ``S = D^{1/2}EᵀΛ_r⁻¹ED^{1/2} = VΣVᵀ``.  ``D`` holds
-   squared singular values, so its relative cut-off is the square of step 1's.
-3. ``(H_k + ρI)⁻¹ b = QV(Σ + ρ)⁻¹VᵀQᵀb + (b − QQᵀb)/ρ``; the last term is
-   exactly zero, and skipped, when the range of ``Q`` is all of ``ℝᵖ``.
-
-So no ``1/ρ`` cancellation happens inside the range of the sketch, and at
-``k = p`` the solver reproduces ``(H + ρI)⁻¹ b`` to rounding even for
-``ρ = 1e-9`` on a well-conditioned ``H`` (float64: ~1e-13).  The Gram matrix
-``G`` squares the condition number, so in general the error is about
-``ε·cond(H)²`` (float64: 3e-9 at cond 1e4, 3e-6 at 1e6; docs/methods.md),
-until the smallest eigenvalues fall below the cut-off.
-
-What the result is outside the sketch.  The part of ``b`` that the ``k``
-sketch vectors do not reach, ``b − QQᵀb``, is returned as ``(b − QQᵀb)/ρ``:
-scaled by ``1/ρ``, not by the inverse of the curvature there.  With ``ρ``
-below the Hessian's eigenvalues in those directions (a full-rank Hessian,
-``k < p``) this part dominates ``x``, its size is about ``1/ρ`` times too
-large, and only the direction of the hypergradient is meaningful; raising
-``k`` shrinks the part, raising ``ρ`` towards the missed eigenvalues corrects
-its scale.  Theorem 1 (Eq. 10) bounds the error for a PSD Hessian.
-
-Precision.  The Hessian-vector products run at the model's precision (its
-dtype, or the autocast dtype the loss runs under).  For a float16/bfloat16
-model the ``p``-sized vectors (``b``, the held columns ``HΩ``, the final
-combination) are float32, because the combination ``HΩβ`` cancels columns
-against each other: summed in bfloat16 it was 7–9 times less accurate at
-``k = 200``–``256`` on a 256 × 256 bfloat16 test matrix (1.0–1.6 % against
-0.14–0.17 % relative error); the
-small matrices ``W``, ``G``, ``c`` are formed and factorised in float64; ``x``
-is returned in ``b``'s dtype.
+Why not the literal Eq. 6: ``b/ρ − (1/ρ²) C (W + CᵀC/ρ)⁻¹ Cᵀ b`` subtracts
+two vectors of size ``‖b‖/ρ`` (losing ``log10(1/ρ)`` digits) and inverts a
+``W`` that a dead ReLU makes singular.  :func:`nystrom_from_sketch` instead
+pseudo-inverts ``W`` above the noise of the products, orthonormalises the
+range of ``H_k`` in the small space and applies ``(Σ + ρ)⁻¹`` there, so no
+``1/ρ`` cancellation happens inside the range of the sketch; the part of ``b``
+outside it is returned divided by ``ρ`` (only its direction is meaningful
+when ``ρ`` is below the missed eigenvalues).  Half-precision models keep
+their ``p``-vectors in float32 (the combination cancels columns).  The
+derivation, accuracy and cost figures are in docs/methods.md ("Nyström") and
+docs/benchmarks.md.
 
 References:
     Hataya & Yamada, "Nyström Method for Accurate and Scalable Implicit
@@ -90,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .._checks import positive_float, positive_int
-from ._base import Matvec, matvec_inplace, working_precision
+from ._base import Matvec, Operator, Solution, matvec_inplace, working_precision
 from ._linalg import EPS64, eigh_above_noise
 
 SKETCHES = ("columns", "gaussian")
@@ -449,8 +402,9 @@ class Nystrom:
             time-efficient Eq. 6; ``1`` is the space-efficient Eq. 9; between is
             Algorithm 1.  All give the same result up to rounding.  ``"auto"``
             picks, at every solve, the largest κ that fits the device's free
-            memory (:func:`auto_chunk`); the κ used by the last solve is
-            ``last_chunk`` (also ``HypergradInfo.chunk``).
+            memory (:func:`auto_chunk`); the κ used is the solution's
+            ``chunk`` (``HypergradInfo.chunk``).  Not under data parallelism
+            (:attr:`collective_safe`): ranks could choose different κ.
         sketch: ``"columns"`` (random Hessian columns, the paper) or
             ``"gaussian"`` (randomized Nyström with a Gaussian test matrix).
         seed: seed of the solver's own CPU ``torch.Generator``
@@ -480,7 +434,6 @@ class Nystrom:
                                  "None or 'auto')")
             chunk = int(chunk)
         self.chunk = chunk
-        self.last_chunk: int | None = None
         if sketch not in SKETCHES:
             raise ValueError(f"Invalid sketch: {sketch!r} (expected one of {', '.join(map(repr, SKETCHES))})")
         self.sketch = sketch
@@ -493,12 +446,22 @@ class Nystrom:
     def damping(self) -> float:
         return self.rho
 
-    def solve(self, matvec: Matvec, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    @property
+    def collective_safe(self) -> bool:
+        """Whether every rank makes the same products: not with ``chunk="auto"`` (κ from local free memory)."""
+        return self.chunk != "auto"
+
+    def solve(self, matvec: Matvec | Operator, b: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``(H_k + ρI)⁻¹ b``, the sketch drawn from ``generator``, or from :attr:`generator` when ``None``."""
+        return self.solve_with_flags(matvec, b, generator).x
+
+    def solve_with_flags(self, matvec: Matvec | Operator, b: Tensor,
+                         generator: torch.Generator | None = None) -> Solution:
+        """:meth:`solve`, as a :class:`~hyperopt_torch.ihvp.Solution` that reports the κ used."""
         chunk = auto_chunk(matvec, b, self.rank) if self.chunk == "auto" else self.chunk
-        self.last_chunk = min(chunk or self.rank, self.rank, b.numel())
-        return nystrom_solve(matvec, b, self.rank, self.rho, chunk, self.sketch,
-                             self.generator if generator is None else generator)
+        x = nystrom_solve(matvec, b, self.rank, self.rho, chunk, self.sketch,
+                          self.generator if generator is None else generator)
+        return Solution(x, chunk=min(chunk or self.rank, self.rank, b.numel()), damping=self.rho)
 
     def state_dict(self) -> dict:
         """``{"generator": state}``: the state of :attr:`generator` (a CPU uint8 tensor)."""
