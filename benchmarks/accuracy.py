@@ -15,9 +15,10 @@ the library's HVP code):
 
 Part 1 (Grazzi et al. 2020's comparison, plus Nyström): relative error
 ``‖h − h*‖/‖h*‖`` of every method against its cost (HVPs and wall time):
-CG (no damping), Neumann/fixed-point with α = 1/λ_max, Nyström with column
-and Gaussian sketches (ρ = 0.01, mean over ``--seeds`` sketches), identity,
-and iterative differentiation (ITD: reverse mode through T gradient steps
+CG (no damping), MINRES (no damping), normal-equation CG (no damping; ``l``
+iterations cost ``1 + 2l`` HVPs), Neumann/fixed-point with α = 1/λ_max,
+Nyström with column and Gaussian sketches (ρ = 0.01, mean over ``--seeds``
+sketches), identity, and iterative differentiation (ITD: reverse mode through T gradient steps
 with step 1/λ_max from θ = 0, convex problems only).  Implicit methods are
 evaluated at the exact inner solution (the MLP: at its current point), so
 their error is that of the linear solve; ITD's also includes the inner one.
@@ -49,7 +50,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from hyperopt_torch import ConjugateGradient, Identity, Neumann, Nystrom, implicit_hypergradient
+from hyperopt_torch import ConjugateGradient, Identity, Minres, Neumann, NormalCG, Nystrom, implicit_hypergradient
 from hyperopt_torch.unrolled import InnerSGD, unrolled_hypergradient
 
 from . import common
@@ -197,6 +198,8 @@ def error_vs_cost(problem: Problem, costs: list[int], seeds: int) -> dict:
 
     for l in costs:
         add("CG", l, implicit_point(problem, ConjugateGradient(iters=l), 0))
+        add("MINRES", l, implicit_point(problem, Minres(iters=l), 0))
+        add("normal-CG", l, implicit_point(problem, NormalCG(iters=l), 0))
         add("Neumann α=1/λmax", l, implicit_point(problem, Neumann(iters=l, alpha=alpha), 0))
         if problem.convex:
             add("ITD (unrolled, T=l)", l, itd_point(problem, l))
@@ -353,13 +356,17 @@ def _plot_curves(fig, data: dict) -> None:
     probs = data["problems"]
     axes = fig.subplots(3, len(probs), squeeze=False)
     rows = (("hvps", "error", "HVPs (identity drawn at 0.5)"), ("seconds", "error", "wall time (s)"), ("hvps", "cosine", "HVPs"))
+    # one colour per method in every panel (a problem without ITD would otherwise shift the colour cycle)
+    methods = dict.fromkeys(m for prob in probs.values() for m in prob["curves"])
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for j, (name, prob) in enumerate(probs.items()):
         for method, pts in prob["curves"].items():
             style = "--" if "gaussian" in method else "-"
             for i, (x, y, _) in enumerate(rows):
-                ys = [min(pt[y], 1e6) if math.isfinite(pt[y]) else 1e6 for pt in pts]
+                # a skipped (NaN) solve is drawn at the top of the error axis and left out of the cosine's
+                ys = [min(pt[y], 1e6) if math.isfinite(pt[y]) else (1e6 if y == "error" else math.nan) for pt in pts]
                 xs = [max(pt[x], 0.5 if x == "hvps" else 1e-5) for pt in pts]
-                axes[i][j].plot(xs, ys, style, marker=".", label=method)
+                axes[i][j].plot(xs, ys, style, marker=".", label=method, color=colours[method])
         for i, (_, y, xlabel) in enumerate(rows):
             ax = axes[i][j]
             ax.set_xscale("log")

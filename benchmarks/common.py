@@ -36,7 +36,7 @@ import torch
 from recipes.common import resolve_device, save_figure, write_json
 
 __all__ = [
-    "parser", "apply_threads", "machine", "resolve_device", "time_interleaved", "summarise", "cuda_peak_memory",
+    "parser", "add_threads", "apply_threads", "machine", "resolve_device", "time_interleaved", "summarise", "cuda_peak_memory",
     "child_peak_rss", "cpu_peak_memory", "write_results", "save_figure",
 ]
 
@@ -63,10 +63,15 @@ def parser(description: str, module: str, full: bool = False, device: bool = Tru
     if full:
         p.add_argument("--full", action="store_true", help="paper-sized run (slow on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problem's data and of the randomized solvers")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 avoids the large slowdowns of "
-                        "oversubscribed cores when other processes share the machine")
+    add_threads(p)
     return p
+
+
+def add_threads(p: argparse.ArgumentParser, default: int | None = None) -> None:
+    """``--threads``, the flag every benchmark takes; ``None`` leaves torch's own choice."""
+    p.add_argument("--threads", type=int, default=default,
+                   help="torch CPU threads" + (" (default: torch's choice)" if default is None else "")
+                        + "; 1 avoids the large slowdowns of oversubscribed cores when other processes share the machine")
 
 
 def apply_threads(threads: int | None) -> None:

@@ -47,7 +47,7 @@ def build(args, exact: bool):
 
 
 def _rank(rank, world, init, args, out):
-    torch.set_num_threads(1)
+    common.apply_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     g = torch.Generator().manual_seed(1)
@@ -87,6 +87,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width")
     parser.add_argument("--batch", type=int, default=256, help="global batch, split over the ranks")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the table")
+    common.add_threads(parser, default=1)  # per rank
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_rank, args=(args.world, str(Path(tmp) / "init"), args, str(Path(tmp) / "rows.json")),

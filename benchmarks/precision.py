@@ -136,14 +136,15 @@ def sketch_by_k(rho: float = 0.01, seeds: int = 5) -> None:
             print(f"| {sketch} | {k} | " + " | ".join(cells) + " |")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.precision", description=__doc__.split("\n\n")[0],
                                      formatter_class=common.HelpFormatter)
     parser.add_argument("--rho", type=float, default=0.01, help="damping ρ of the Nyström, exact and CG solves")
     parser.add_argument("--sketch-by-k", action="store_true",
                         help="the Gaussian and the columns sketch in half precision as k approaches p")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    common.add_threads(parser, default=1)
+    args = parser.parse_args(argv)
+    common.apply_threads(args.threads)
     if args.sketch_by_k:
         sketch_by_k(args.rho)
         return

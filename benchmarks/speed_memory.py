@@ -9,6 +9,8 @@ batch.  Inputs are random (timing does not depend on the pixels).
 Methods, each at l or k ∈ ``--ls``/``--ks`` (paper: 5, 10, 20):
 
 * ``cg``: conjugate gradient, ``l`` iterations, no damping;
+* ``minres``: MINRES, ``l`` iterations, no damping (one HVP each, as CG);
+* ``normal_cg``: CG on the normal equations, ``l`` iterations, no damping (``1 + 2l`` HVPs);
 * ``neumann``: Neumann series, ``l`` terms, α = 0.01 (paper);
 * ``nystrom_time``: Nyström κ = k (Eq. 6), ρ = 0.01 (paper);
 * ``nystrom_mid``: Nyström κ = ⌊k/2⌋ (Algorithm 1), where that differs from 1 and k;
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hyperopt_torch import ConjugateGradient, Identity, Neumann, Nystrom, implicit_hypergradient
+from hyperopt_torch import ConjugateGradient, Identity, Minres, Neumann, NormalCG, Nystrom, implicit_hypergradient
 from hyperopt_torch.unrolled import InnerSGD, unrolled_hypergradient
 from recipes.models import LeNet
 from recipes.wideresnet import WideResNet, wrn28
@@ -55,7 +57,7 @@ PAPER_WRN28_2 = {
     "nystrom_time": {"seconds": {5: 0.24, 10: 0.33, 20: 0.54}, "gb": {5: 4.66, 10: 8.15, 20: 15.1}},
     "nystrom_space": {"seconds": {5: 3.11, 10: 10.7, 20: 41.0}, "gb": {5: 1.94, 10: 1.94, 20: 1.94}},
 }
-FAMILIES = ("cg", "neumann", "nystrom_time", "nystrom_mid", "nystrom_space", "nystrom_gaussian",
+FAMILIES = ("cg", "minres", "normal_cg", "neumann", "nystrom_time", "nystrom_mid", "nystrom_space", "nystrom_gaussian",
             "identity", "unrolled", "unrolled_truncated", "nystrom_auto")
 DEFAULT_FAMILIES = FAMILIES[:-1]
 RHO, ALPHA, INNER_LR = 0.01, 0.01, 0.1
@@ -117,6 +119,8 @@ def method_configs(ls: list[int], ks: list[int], families: tuple[str, ...]) -> l
     cfgs = []
     for l in ls:
         cfgs.append({"family": "cg", "param": l, "label": f"CG l={l}"})
+        cfgs.append({"family": "minres", "param": l, "label": f"MINRES l={l}"})
+        cfgs.append({"family": "normal_cg", "param": l, "label": f"normal-CG l={l}"})
         cfgs.append({"family": "neumann", "param": l, "label": f"Neumann l={l}"})
         cfgs.append({"family": "unrolled", "param": l, "label": f"Unrolled T={l}"})
     for k in ks:
@@ -147,6 +151,8 @@ def make_call(cfg: dict, problem: Problem, seed: int) -> Callable[[], int]:
         return call
     solver = {
         "cg": lambda: ConjugateGradient(iters=param),
+        "minres": lambda: Minres(iters=param),
+        "normal_cg": lambda: NormalCG(iters=param),
         "neumann": lambda: Neumann(iters=param, alpha=ALPHA),
         "identity": Identity,
         "nystrom_gaussian": lambda: Nystrom(rank=param, rho=RHO, chunk=None, sketch="gaussian"),
@@ -166,7 +172,8 @@ def add_flags(p) -> None:
                    help="LeNet on 1x28x28, WRN-28-width or WRN-16-width on 3x32x32, or the MLP 784-1024-1024-10")
     p.add_argument("--width", type=int, default=2, help="WRN widening factor (paper: 2), or the MLP's hidden width")
     p.add_argument("--batch", type=int, default=None, help="examples per batch (default 128)")
-    p.add_argument("--ls", type=int, nargs="+", default=[5, 10, 20], help="CG/Neumann iterations and unrolled steps")
+    p.add_argument("--ls", type=int, nargs="+", default=[5, 10, 20],
+                   help="CG/MINRES/normal-CG/Neumann iterations and unrolled steps")
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20], help="Nyström ranks")
     p.add_argument("--methods", default=",".join(DEFAULT_FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per method (default 2, --full 10)")
@@ -292,11 +299,11 @@ def _fmt(x: float | None) -> str:
 def _plot(fig, data: dict) -> None:
     mem = data["memory"] is not None
     axes = fig.subplots(1, 2 if mem else 1, squeeze=False)[0]
-    styles = {"cg": "o-", "neumann": "s-", "nystrom_time": "^-", "nystrom_mid": "v-", "nystrom_space": "D-",
-              "nystrom_gaussian": "x--", "nystrom_auto": "*:", "unrolled": "P-"}
-    names = {"cg": "CG (l)", "neumann": "Neumann (l)", "nystrom_time": "Nyström κ=k", "nystrom_mid": "Nyström κ=⌊k/2⌋",
-             "nystrom_space": "Nyström κ=1", "nystrom_gaussian": "Nyström Gaussian κ=k",
-             "nystrom_auto": "Nyström κ=auto", "unrolled": "unrolled (T=l)"}
+    styles = {"cg": "o-", "minres": "o--", "normal_cg": "o:", "neumann": "s-", "nystrom_time": "^-", "nystrom_mid": "v-",
+              "nystrom_space": "D-", "nystrom_gaussian": "x--", "nystrom_auto": "*:", "unrolled": "P-"}
+    names = {"cg": "CG (l)", "minres": "MINRES (l)", "normal_cg": "normal-CG (l; 1 + 2l HVPs)", "neumann": "Neumann (l)",
+             "nystrom_time": "Nyström κ=k", "nystrom_mid": "Nyström κ=⌊k/2⌋", "nystrom_space": "Nyström κ=1",
+             "nystrom_gaussian": "Nyström Gaussian κ=k", "nystrom_auto": "Nyström κ=auto", "unrolled": "unrolled (T=l)"}
     panels = [("seconds_median", "seconds per hypergradient (median)", 1.0)]
     if mem:
         panels.append(("extra_bytes", "peak memory above model + data (GB)", 1e-9))
@@ -310,7 +317,7 @@ def _plot(fig, data: dict) -> None:
                 ax.axhline(r[key] * scale, ls=":", color="gray" if r["family"] == "identity" else "purple", lw=1)
                 ax.annotate(r["label"], (ax.get_xlim()[0], r[key] * scale), fontsize=7, va="bottom")
         ax.set_yscale("log")
-        ax.set_xlabel("l (CG, Neumann), k (Nyström), T (unrolled)")
+        ax.set_xlabel("l (CG, MINRES, normal-CG, Neumann), k (Nyström), T (unrolled)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -2,7 +2,7 @@
 
 from .hvp import Batching
 from .hypergrad import HypergradInfo, Hypergradient, implicit_hypergradient
-from .ihvp import SOLVER_NAMES, ConjugateGradient, Exact, Identity, Neumann, Nystrom, make_solver
+from .ihvp import SOLVER_NAMES, ConjugateGradient, Exact, Identity, Minres, Neumann, NormalCG, Nystrom, make_solver
 from .optim import HyperOptimizer
 from .unrolled import InnerAdam, InnerSGD, UnrolledHypergradient, UnrolledInfo, adam_step, sgd_step, unrolled_hypergradient
 
@@ -18,6 +18,8 @@ __all__ = [
     "SOLVER_NAMES",
     "Nystrom",
     "ConjugateGradient",
+    "Minres",
+    "NormalCG",
     "Neumann",
     "Identity",
     "Exact",

@@ -138,7 +138,8 @@ class HyperOptimizer(Optimizer):
             ``step`` needs a closure (``LBFGS``) or sparse gradients
             (``SparseAdam``) is refused.
         ihvp: a solver object or its name (:data:`~hyperopt_torch.ihvp.SOLVER_NAMES`:
-            ``"nystrom"``, ``"cg"``, ``"neumann"``, ``"identity"``, ``"exact"``, ...).
+            ``"nystrom"``, ``"cg"``, ``"minres"``, ``"normal_cg"``, ``"neumann"``, ``"identity"``,
+            ``"exact"``).
         rank, rho, chunk, sketch, seed: Nyström's ``k``, ``ρ``, ``κ``, test
             matrix and generator seed (:class:`~hyperopt_torch.Nystrom`);
             ``rho`` is also CG's and Exact's damping.

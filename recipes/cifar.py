@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import DatasetMissing, import_torchvision
+from .data import DataError, DatasetMissing, import_torchvision
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -51,7 +51,9 @@ def load_cifar10(root: str | os.PathLike, *, train: bool, download: bool = False
 
     Raises:
         DatasetMissing: a batch file is absent (and ``download`` is false, or
-            the download failed) or is not a CIFAR batch.
+            the download failed).
+        DataError: a batch file is not a CIFAR batch, or its images, labels
+            and label range disagree (the file is named).
     """
     folder = Path(root) / FOLDER
     files = TRAIN_FILES if train else TEST_FILES
@@ -71,11 +73,19 @@ def load_cifar10(root: str | os.PathLike, *, train: bool, download: bool = False
         with open(path, "rb") as f:
             try:
                 batch = pickle.load(f, encoding="latin1")
-                data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                data = np.asarray(batch["data"], dtype=np.uint8)
                 targets = np.asarray(batch["labels"], dtype=np.int64)
-            except (pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as error:
-                raise DatasetMissing(f"{path} is not a CIFAR-10 batch ({error})") from None
-        images.append(torch.from_numpy(data))
+            except (pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError, AttributeError, ImportError,
+                    IndexError) as error:
+                raise DataError(f"{path} is not a CIFAR-10 batch ({type(error).__name__}: {error})") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DataError(f"{path}: data of shape {data.shape}, expected (N, 3072), N images of 3 x 32 x 32 bytes")
+        if targets.shape != (len(data),):
+            raise DataError(f"{path} holds {len(data)} images but {targets.size} labels")
+        if targets.size and not 0 <= targets.min() <= targets.max() < len(CLASSES):
+            bad = targets[(targets < 0) | (targets >= len(CLASSES))][0]
+            raise DataError(f"{path} holds label {bad}, outside the classes 0..{len(CLASSES) - 1}")
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32)))
         labels.append(torch.from_numpy(targets))
     x = torch.cat(images).float().div_(255.0)
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)

@@ -9,6 +9,7 @@ is how the tests drive the recipes without a download.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from pathlib import Path
@@ -35,8 +36,12 @@ _OPS_WITH_SCHEMAS = {
 _torchvision_library = None
 
 
-class DatasetMissing(RuntimeError):
-    """Raised when a dataset is not on disk and ``download`` was not requested."""
+class DataError(RuntimeError):
+    """A dataset that cannot be used: a missing, corrupt or inconsistent file, named in a one-line message."""
+
+
+class DatasetMissing(DataError):
+    """Raised when a dataset is not on disk and ``download`` was not requested, or the download failed."""
 
 
 def import_torchvision():
@@ -52,7 +57,8 @@ def import_torchvision():
     ``import torchvision``.
     """
     global _torchvision_library
-    missing = [name for name in _OPS_WITH_SCHEMAS if not _op_exists(name)]
+    # Public lookup: torch.ops.<namespace> raises AttributeError for an operator nobody defined.
+    missing = [name for name in _OPS_WITH_SCHEMAS if not hasattr(torch.ops.torchvision, name)]
     if missing and _torchvision_library is None:
         _torchvision_library = torch.library.Library("torchvision", "DEF")
         for name in missing:
@@ -62,48 +68,90 @@ def import_torchvision():
     return torchvision
 
 
-def _op_exists(name: str) -> bool:
-    try:
-        torch._C._dispatch_find_schema_or_throw(f"torchvision::{name}", "")
-    except RuntimeError:
-        return False
-    return True
-
-
 def load_split(name: str, root: str | os.PathLike, *, train: bool, download: bool = False) -> tuple[Tensor, Tensor]:
     """Load one split of ``name`` ("mnist" or "fashion-mnist") through torchvision.
 
     Returns ``(images, labels)``: ``images`` float32 of shape ``(N, 1, 28, 28)``,
     standardised with the training split's mean and std; ``labels`` int64 of
-    shape ``(N,)``.  Both on the CPU.
+    shape ``(N,)`` in ``0..9``.  Both on the CPU.  The idx files are checked
+    before torchvision reads them (header, size, 28 × 28 images, as many labels
+    as images, labels in range), so a damaged file is named, not misread.
 
     Raises:
         ValueError: unknown ``name``.
         DatasetMissing: the files are not under ``root`` and ``download`` is false,
             or the download failed.
+        DataError: a file is corrupt or the two files disagree.
     """
     if name not in DATASETS:
         raise ValueError(f"Invalid dataset: {name!r}; expected one of {sorted(DATASETS)}")
     class_name, mean, std = DATASETS[name]
     torchvision = import_torchvision()
     dataset_class = getattr(torchvision.datasets, class_name)
-    try:
-        dataset = dataset_class(root=os.fspath(root), train=train, download=download)
-    except (RuntimeError, OSError) as error:
-        expected = Path(root) / class_name / "raw" / IDX_FILES[train][0]
-        if download:  # the files were asked for and could not be fetched: say why, not "pass --download"
+    image_file, label_file = (Path(root) / class_name / "raw" / file for file in IDX_FILES[train])
+    if download and not (image_file.exists() and label_file.exists()):
+        try:
+            dataset_class(root=os.fspath(root), train=train, download=True)
+        except (RuntimeError, OSError) as error:  # the files were asked for and could not be fetched: say why
             raise DatasetMissing(
                 f"could not download {name} into {root}: {_download_failure(error)}. Without a network, write the "
                 f"files with `python -m scripts.prepare_offline_data` and point --data-root at them "
-                f"({expected} is expected)."
+                f"({image_file} is expected)."
             ) from None
-        raise DatasetMissing(
-            f"{name} not found: expected {expected} ({error}). "
-            f"Pass --download, or point --data-root at a folder laid out for torchvision.datasets.{class_name}."
-        ) from None
+    for file in (image_file, label_file):
+        if not file.exists():
+            raise DatasetMissing(
+                f"{name} not found: expected {file}. Pass --download, or point --data-root at a folder laid out for "
+                f"torchvision.datasets.{class_name} (python -m scripts.prepare_offline_data writes one)."
+            )
+    n_images = check_idx(image_file, (28, 28))
+    n_labels = check_idx(label_file, ())
+    if n_images != n_labels:
+        raise DataError(f"{image_file} holds {n_images} images but {label_file} holds {n_labels} labels")
+    try:
+        dataset = dataset_class(root=os.fspath(root), train=train, download=False)
+    except Exception as error:  # the headers were fine: whatever torchvision trips on, name the folder
+        raise DataError(f"torchvision could not read {image_file.parent}: {error}") from None
+    labels = dataset.targets.long()
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < 10:
+        bad = labels[(labels < 0) | (labels >= 10)][0].item()
+        raise DataError(f"{label_file} holds label {bad}, outside the classes 0..9")
     # The uint8 tensors are read directly: torchvision's __getitem__ goes through PIL one image at a time.
     images = dataset.data.unsqueeze(1).float().div_(255.0).sub_(mean).div_(std)
-    return images, dataset.targets.long()
+    return images, labels
+
+
+def check_idx(path: Path, item_shape: tuple[int, ...]) -> int:
+    """The number of items in the uint8 idx file ``path``, after checking its header against the file.
+
+    ``item_shape`` is the shape of one item: ``(28, 28)`` for images, ``()`` for labels.
+
+    Raises:
+        DataError: not an idx file of unsigned bytes with ``1 + len(item_shape)``
+            dimensions, items of another shape, or a file shorter or longer than its header says.
+    """
+    ndim = 1 + len(item_shape)
+    header_size = 4 + 4 * ndim
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(header_size)
+    except OSError as error:
+        raise DataError(f"{path} is unreadable: {error.strerror or error}") from None
+    if len(header) < header_size:
+        raise DataError(f"{path} is corrupt: {size} bytes, shorter than an idx header")
+    # Magic number: two zero bytes, type code 0x08 (unsigned byte), number of dimensions; sizes big-endian.
+    if header[:3] != b"\x00\x00\x08" or header[3] != ndim:
+        raise DataError(f"{path} is corrupt: its header {header[:4].hex()} is not that of an idx file of unsigned "
+                        f"bytes with {ndim} dimensions (00000801 for labels, 00000803 for images)")
+    shape = struct.unpack(f">{ndim}I", header[4:])
+    if shape[1:] != item_shape:
+        raise DataError(f"{path} holds items of shape {shape[1:]}, expected {item_shape}")
+    data = size - header_size
+    if data != math.prod(shape):
+        raise DataError(f"{path} is corrupt: its header promises {math.prod(shape)} bytes ({' x '.join(map(str, shape))}), "
+                        f"the file holds {data}{' (truncated)' if data < math.prod(shape) else ''}")
+    return shape[0]
 
 
 def _download_failure(error: Exception) -> str:

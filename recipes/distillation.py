@@ -128,12 +128,13 @@ def plot_curves(path, curves: dict, args: argparse.Namespace) -> None:
         val = torch.tensor(curves["val_loss"])
         window = len(val) // 50  # a running mean only where there are enough steps to smooth
         left.plot(range(1, len(val) + 1), val.tolist(), alpha=0.3 if window > 1 else 1.0, linewidth=0.6,
-                  label="per step")
+                  marker=common.marker_for(len(val)), label="per step")
         if window > 1:
             smooth = val.unfold(0, window, 1).mean(1)
             left.plot(range(window, window + len(smooth)), smooth.tolist(), label=f"running mean of {window} steps")
         left.set(xlabel="outer step", ylabel="validation loss (real images)", title=f"{args.dataset}, {args.ihvp}")
         left.legend()
+        common.integer_steps(left, right)
         right.plot(curves["eval_step"], curves["test_acc"], marker="o", label="test accuracy")
         right.axhline(0.1, color="gray", linestyle=":", label="chance (10 classes)")
         right.legend()
@@ -145,13 +146,13 @@ def plot_curves(path, curves: dict, args: argparse.Namespace) -> None:
     common.save_figure(path, draw, figsize=(10.0, 3.8))
 
 
+@common.command
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    with common.clean_errors():
-        solver = common.solver_from_args(args)
-        device = common.resolve_device(args.device, args.threads)
-        data = load_data(args, device)
-        out = common.prepare_out(args)
+    solver = common.solver_from_args(args)
+    device = common.resolve_device(args.device, args.threads)
+    data = load_data(args, device)
+    out = common.prepare_out(args)
 
     # Models: the fixed known initialisation θ₀, the distilled images φ and their fixed labels.
     torch.manual_seed(args.seed)
@@ -162,7 +163,7 @@ def main(argv=None) -> dict:
     hopt = HyperOptimizer([images], base=torch.optim.Adam, ihvp=solver, lr=args.outer_lr)
     batches = torch.Generator().manual_seed(args.seed)
 
-    checkpoint = common.Checkpoint(out, f"{args.ihvp}-seed{args.seed}", resume=args.resume)
+    checkpoint = common.Checkpoint(args, f"{args.ihvp}-seed{args.seed}")
     curves = {name: [] for name in (*CURVES, "eval_step", "test_acc")}
     state = checkpoint.load()
     if state is not None:
@@ -183,15 +184,14 @@ def main(argv=None) -> dict:
     start = len(curves["val_loss"])
     bar = common.progress(args, total=args.outer_steps, initial=start, desc=f"distillation {args.ihvp}")
     for step in range(start, args.outer_steps):
-        with common.clean_errors():  # a diverged inner loop or a solver refusing the model: one line, exit 1
-            # Inner problem: train the reset network on the current images, φ held fixed.
-            train_loss = train_on_distilled(model, theta_init, images.detach(), labels, args)
-            common.check_finite(train_loss, f"outer step {step + 1}: the inner training loss", "lower --inner-lr")
+        # Inner problem: train the reset network on the current images, φ held fixed.
+        train_loss = train_on_distilled(model, theta_init, images.detach(), labels, args)
+        common.check_finite(train_loss, f"outer step {step + 1}: the inner training loss", "lower --inner-lr")
 
-            # Outer step: hypergradient of the loss on a batch of real training images.
-            index = torch.randint(len(x_train), (args.val_batch,), generator=batches).to(device)
-            info = common.outer_step(hopt, train_loss_fn, lambda m: F.cross_entropy(m(x_train[index]), y_train[index]),
-                                     model, args.ihvp)
+        # Outer step: hypergradient of the loss on a batch of real training images.
+        index = torch.randint(len(x_train), (args.val_batch,), generator=batches).to(device)
+        info = hopt.step(train_loss_fn, lambda m: F.cross_entropy(m(x_train[index]), y_train[index]), model)
+        common.check_hypergradient(info, f"outer step {step + 1}", "lower --inner-lr")
 
         curves["val_loss"].append(info.val_loss)
         curves["train_loss"].append(train_loss)

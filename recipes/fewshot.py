@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import DatasetMissing, import_torchvision, load_split
+from .data import DataError, DatasetMissing, import_torchvision, load_split
 
 OMNIGLOT_DIR = "omniglot-py"
 OMNIGLOT_SETS = ("images_background", "images_evaluation")
@@ -76,13 +76,21 @@ def omniglot_characters(root: str | os.PathLike) -> list[Path]:
 
 
 def read_omniglot_character(folder: Path) -> Tensor:
-    """The drawings of one character as float32 ``(n, 1, 28, 28)``: strokes 1, background 0."""
+    """The drawings of one character as float32 ``(n, 1, 28, 28)``: strokes 1, background 0.
+
+    Raises:
+        DatasetMissing: the folder holds no ``.png`` drawings.
+        DataError: a drawing cannot be decoded (a truncated PNG, for example).
+    """
     from PIL import Image  # torchvision's dependency; only the Omniglot path needs it
 
     images = []
     for path in sorted(folder.glob("*.png")):
-        with Image.open(path) as image:
-            small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+        try:
+            with Image.open(path) as image:
+                small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated or not an image at all
+            raise DataError(f"{path} is not a readable image ({error})") from None
         images.append(1.0 - np.asarray(small, dtype=np.float32) / 255.0)
     if not images:
         raise DatasetMissing(f"omniglot character folder {folder} holds no .png drawings")
@@ -114,6 +122,7 @@ def load_classes(dataset: str, root: str | os.PathLike, *, train_classes: int | 
         ValueError: unknown ``dataset``, or ``train_classes`` that leaves either
             side empty.
         DatasetMissing: the files are not under ``root`` (and ``download`` is false).
+        DataError: a file is damaged (named in the message).
     """
     if dataset not in TRAIN_CLASSES:
         raise ValueError(f"Invalid dataset: {dataset!r}; expected one of {sorted(TRAIN_CLASSES)}")

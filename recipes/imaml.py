@@ -67,7 +67,7 @@ from . import common
 from .fewshot import TRAIN_CLASSES, Task, TaskSampler, load_classes
 
 TABLE3 = ("nystrom", "cg", "neumann")  # the rows of the paper's Table 3, run by --ihvp all
-DAMPED = ("nystrom", "cg", "exact")  # solvers whose damping ρ can carry λ
+DAMPED = ("nystrom", "cg", "exact", "minres", "normal_cg")  # solvers whose damping ρ can carry λ
 EXACT_MAX_PARAMS = 20_000  # the exact solver materialises the p × p Hessian
 EVAL_SEED = 10_000  # test tasks come from their own generator: the same tasks for every method and the baseline
 CHECK_LAMS = (0.1, 1.0, 10.0)
@@ -202,12 +202,12 @@ def evaluate(model: nn.Module, theta0: list[Tensor], classes: list[Tensor], args
         adapt(model, theta0, task.support, args.lam, args.inner_steps, args.inner_lr)
         accs.append(accuracy(model, task.query))
     values = torch.tensor(accs, dtype=torch.float64)
-    half = 1.96 * values.std().item() / math.sqrt(len(accs)) if len(accs) > 1 else float("nan")
+    half = 1.96 * values.std().item() / math.sqrt(len(accs)) if len(accs) > 1 else None  # no spread from one task
     return {"mean": values.mean().item(), "ci95": half, "tasks": len(accs)}
 
 
 # -- one meta-training run -----------------------------------------------------------------------
-def run(args: argparse.Namespace, method: str, pools, device: torch.device, out) -> dict:
+def run(args: argparse.Namespace, method: str, pools, device: torch.device) -> dict:
     """Meta-train θ₀ with ``method`` for ``--outer-steps``; returns curves and the final test accuracy."""
     torch.manual_seed(args.seed)
     meta_model = ConvNet4(args.ways, args.width).to(device)  # its parameters are θ₀, the hyperparameters
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace, method: str, pools, device: torch.device, out)
                           lr=args.outer_lr)
     tasks = TaskSampler(pools[0], args.ways, args.shots, args.query, torch.Generator().manual_seed(args.seed))
 
-    checkpoint = common.Checkpoint(out, f"{method}-seed{args.seed}", resume=args.resume)
+    checkpoint = common.Checkpoint(args, f"{method}-seed{args.seed}")
     curves = {name: [] for name in (*CURVES, "eval_step", "test_acc")}
     state = checkpoint.load()
     if state is not None:
@@ -239,15 +239,14 @@ def run(args: argparse.Namespace, method: str, pools, device: torch.device, out)
         for _ in range(args.meta_batch):
             task: Task = tasks.sample(device)
             sums["support_loss"] += adapt(model, theta0, task.support, args.lam, args.inner_steps, args.inner_lr)
-            info = hopt.accumulate(training_loss(theta0, task.support, args.lam, form), query_loss(task.query), model)
+            # the meta-batch mean of the tasks' meta-gradients, added into θ₀'s .grad as backward() would
+            info = hopt.accumulate(training_loss(theta0, task.support, args.lam, form), query_loss(task.query), model,
+                                   weight=1 / args.meta_batch)
+            common.check_hypergradient(info, f"{method}, outer step {step + 1}", "lower --inner-lr")
             sums["query_acc"] += accuracy(model, task.query)
             sums["query_loss"] += info.val_loss
             sums["hvps"] += info.hvps
             sums["seconds"] += info.seconds
-        with torch.no_grad():  # the mean, not the sum, of the tasks' meta-gradients
-            for p in theta0:
-                if p.grad is not None:
-                    p.grad.div_(args.meta_batch)
         hopt.step()
 
         for name in CURVES:
@@ -283,6 +282,10 @@ def check_solvers(args: argparse.Namespace, pools) -> dict:
     For each λ in :data:`CHECK_LAMS`, ``--check-tasks`` meta-training tasks
     are adapted from the random θ₀ by the recipe's inner loop; the relative
     error ‖h − h*‖/‖h*‖ and the cosine with h* are averaged over the tasks.
+    A solve that gives no meta-gradient (a diverged Neumann series) is left
+    out of the means: its row's ``status`` says why (``"ok"``, ``"diverged"``,
+    ``"not finite"``), ``failed_tasks`` how often, and the means are ``None``
+    (``null`` in the JSON) when no task is left.
     """
     torch.manual_seed(args.seed)
     meta_model = ConvNet4(args.ways, args.width).double()
@@ -296,6 +299,7 @@ def check_solvers(args: argparse.Namespace, pools) -> dict:
     for lam in CHECK_LAMS:
         errors = {v: [] for v in variants}
         cosines = {v: [] for v in variants}
+        failed = {v: [] for v in variants}  # why a task's solve gave no meta-gradient: "diverged" or "not finite"
         above, lowest, highest = [], [], []
         for _ in range(args.check_tasks):
             task = tasks.sample(dtype=torch.float64)
@@ -306,15 +310,20 @@ def check_solvers(args: argparse.Namespace, pools) -> dict:
             highest.append(eigenvalues[-1].item())
             for method, form in variants:
                 solver = make_solver(args, method, form, lam)
-                grads, _ = implicit_hypergradient(theta0, training_loss(theta0, task.support, lam, form),
-                                                  query_loss(task.query), model, solver,
-                                                  generator=torch.Generator().manual_seed(args.seed))
+                grads, info = implicit_hypergradient(theta0, training_loss(theta0, task.support, lam, form),
+                                                     query_loss(task.query), model, solver,
+                                                     generator=torch.Generator().manual_seed(args.seed))
+                if info.skipped:  # a diverged Neumann series, for one: no number to compare
+                    failed[(method, form)].append("diverged" if info.diverged else "not finite")
+                    continue
                 h = torch.cat([g.flatten() for g in grads])
                 errors[(method, form)].append(((h - exact).norm() / exact.norm()).item())
                 cosines[(method, form)].append(F.cosine_similarity(h, exact, dim=0).item())
         for method, form in variants:
+            reasons = failed[(method, form)]
             rows.append({"lam": lam, "ihvp": method, "lam_in": form, "rel_error": _mean(errors[(method, form)]),
-                         "cosine": _mean(cosines[(method, form)])})
+                         "cosine": _mean(cosines[(method, form)]), "status": reasons[0] if reasons else "ok",
+                         "failed_tasks": len(reasons)})
         rows.append({"lam": lam, "ihvp": "H_support", "lam_in": "", "eigenvalues_above_lam_over_100": _mean(above),
                      "lowest_eigenvalue": min(lowest), "highest_eigenvalue": max(highest)})
     return {"width": args.width, "ways": args.ways, "shots": args.shots, "params": p, "tasks": args.check_tasks,
@@ -343,8 +352,12 @@ def dense_meta_gradient(model: nn.Module, task: Task, lam: float) -> tuple[Tenso
     return lam * torch.linalg.solve(hessian + lam * eye, grad_g), torch.linalg.eigvalsh(hessian)
 
 
-def _mean(values) -> float:
-    return sum(values) / len(values)
+def _mean(values) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _with_ci(acc: dict) -> str:
+    return f"{acc['mean']:.4f}" + (f" ± {acc['ci95']:.4f}" if acc["ci95"] is not None else "")
 
 
 def print_check(check: dict) -> None:
@@ -355,8 +368,13 @@ def print_check(check: dict) -> None:
         if row["ihvp"] == "H_support":
             print(f"{row['lam']:>6} H_support: {row['eigenvalues_above_lam_over_100']:.1f} of {check['params']} "
                   f"eigenvalues above λ/100, lowest {row['lowest_eigenvalue']:.3g}, highest {row['highest_eigenvalue']:.3g}")
+        elif row["rel_error"] is None:
+            print(f"{row['lam']:>6} {row['ihvp']:>9} {row['lam_in']:>8} {row['status']:>11} {'-':>8}  "
+                  f"(in all {check['tasks']} tasks: no meta-gradient)")
         else:
-            print(f"{row['lam']:>6} {row['ihvp']:>9} {row['lam_in']:>8} {row['rel_error']:>11.3g} {row['cosine']:>8.4f}")
+            note = f"  ({row['status']} in {row['failed_tasks']} of {check['tasks']} tasks)" if row["failed_tasks"] else ""
+            print(f"{row['lam']:>6} {row['ihvp']:>9} {row['lam_in']:>8} {row['rel_error']:>11.3g} {row['cosine']:>8.4f}"
+                  + note)
 
 
 # -- outputs -------------------------------------------------------------------------------------
@@ -367,17 +385,19 @@ def plot_curves(path, results: dict, base: dict, args: argparse.Namespace) -> No
             loss = torch.tensor(result["curves"]["query_loss"])
             window = max(1, len(loss) // 50)
             smooth = loss.unfold(0, window, 1).mean(1)
-            left.plot(range(window, window + len(smooth)), smooth.tolist(), label=method)
+            left.plot(range(window, window + len(smooth)), smooth.tolist(), marker=common.marker_for(len(smooth)),
+                      label=method)
             steps = [*result["curves"]["eval_step"], args.outer_steps]
             accs = [*result["curves"]["test_acc"], result["final"]["test_acc"]["mean"]]
             right.plot(steps, accs, marker="o", label=method)
         right.axhline(base["mean"], color="gray", linestyle="--", label="no meta-learning")
         left.set(xlabel="outer step", ylabel="query loss after adaptation (meta-training tasks)",
                  title=f"iMAML {args.dataset} {args.ways}-way {args.shots}-shot")
-        right.set(xlabel="outer step", ylabel="test accuracy (held-out classes)")
+        right.set(xlabel="outer step", ylabel="test accuracy (held-out classes)", ylim=(0, 1))
         for ax in (left, right):
             ax.grid(alpha=0.3)
             ax.legend()
+        common.integer_steps(left, right)
 
     common.save_figure(path, draw, figsize=(10.0, 3.8))
 
@@ -388,7 +408,7 @@ def plot_accuracy(path, results: dict, base: dict, args: argparse.Namespace) -> 
 
     def draw(fig) -> None:
         ax = fig.subplots()
-        ax.bar(names, [a["mean"] for a in accs], yerr=[a["ci95"] for a in accs], capsize=4, color="tab:blue")
+        ax.bar(names, [a["mean"] for a in accs], yerr=[a["ci95"] or 0.0 for a in accs], capsize=4, color="tab:blue")
         ax.set(ylabel=f"test accuracy (mean ± 95 % CI, {args.eval_tasks} tasks)", ylim=(0, 1),
                title=f"iMAML {args.dataset} {args.ways}-way {args.shots}-shot, {args.outer_steps} outer steps")
         ax.grid(alpha=0.3, axis="y")
@@ -396,31 +416,31 @@ def plot_accuracy(path, results: dict, base: dict, args: argparse.Namespace) -> 
     common.save_figure(path, draw, figsize=(6.0, 4.0))
 
 
+@common.command
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    with common.clean_errors():
-        methods = list(TABLE3) if args.ihvp == "all" else [args.ihvp]
-        for method in methods:  # reject bad solver flags before any work
-            make_solver(args, method, lam_form(args, method), args.lam)
-        params = sum(p.numel() for p in ConvNet4(args.ways, args.width).parameters())
-        if ("exact" in methods or args.check_solvers) and params > EXACT_MAX_PARAMS:
-            what = "--check-solvers" if args.check_solvers else "--ihvp exact"
-            raise common.RecipeError(f"{what} materialises the p × p Hessian: use --width 8 or smaller "
-                                     f"(at most {EXACT_MAX_PARAMS} parameters, got {params})")
-        device = common.resolve_device(args.device, args.threads)
-        try:
-            pools = load_classes(args.dataset, args.data_root, train_classes=args.train_classes, download=args.download)
-            for pool in pools:  # checks ways, shots and query against the data
-                TaskSampler(pool, args.ways, args.shots, args.query, torch.Generator())
-        except ValueError as error:
-            raise common.RecipeError(str(error)) from None
-        out = common.prepare_out(args)
-        if args.check_solvers:
-            check = check_solvers(args, pools)
-            common.write_json(out / "solver_check.json", check)
-            print_check(check)
-            return check
-        results = {method: run(args, method, pools, device, out) for method in methods}
+    methods = list(TABLE3) if args.ihvp == "all" else [args.ihvp]
+    for method in methods:  # reject bad solver flags before any work
+        make_solver(args, method, lam_form(args, method), args.lam)
+    params = sum(p.numel() for p in ConvNet4(args.ways, args.width).parameters())
+    if ("exact" in methods or args.check_solvers) and params > EXACT_MAX_PARAMS:
+        what = "--check-solvers" if args.check_solvers else "--ihvp exact"
+        raise common.RecipeError(f"{what} materialises the p × p Hessian: use --width 8 or smaller "
+                                 f"(at most {EXACT_MAX_PARAMS} parameters, got {params})")
+    device = common.resolve_device(args.device, args.threads)
+    try:
+        pools = load_classes(args.dataset, args.data_root, train_classes=args.train_classes, download=args.download)
+        for pool in pools:  # checks ways, shots and query against the data
+            TaskSampler(pool, args.ways, args.shots, args.query, torch.Generator())
+    except ValueError as error:
+        raise common.RecipeError(str(error)) from None
+    out = common.prepare_out(args)
+    if args.check_solvers:
+        check = check_solvers(args, pools)
+        common.write_json(out / "solver_check.json", check)
+        print_check(check)
+        return check
+    results = {method: run(args, method, pools, device) for method in methods}
 
     base = baseline(args, pools, device)
     metrics = {"recipe": "imaml", "dataset": args.dataset, "ways": args.ways, "shots": args.shots,
@@ -428,8 +448,8 @@ def main(argv=None) -> dict:
     common.write_json(out / "metrics.json", metrics)
     for method, result in results.items():
         acc = result["final"]["test_acc"]
-        print(f"{method:>9}: test accuracy {acc['mean']:.4f} ± {acc['ci95']:.4f} ({acc['tasks']} tasks)")
-    print(f"{'baseline':>9}: test accuracy {base['mean']:.4f} ± {base['ci95']:.4f} (random init, no meta-learning)")
+        print(f"{method:>9}: test accuracy {_with_ci(acc)} ({acc['tasks']} tasks)")
+    print(f"{'baseline':>9}: test accuracy {_with_ci(base)} (random init, no meta-learning)")
     plot_curves(out / "curves.png", results, base, args)
     plot_accuracy(out / "accuracy.png", results, base, args)
     return metrics

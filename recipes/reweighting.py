@@ -96,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     task.add_argument("--hyper-every", type=common.positive_int, default=10,
                       help="inner SGD steps per outer step (inner steps = outer steps x this)")
     task.add_argument("--inner-lr", type=common.positive_float, default=0.1, help="inner SGD learning rate")
-    task.add_argument("--momentum", type=float, default=0.9, help="inner SGD momentum")
-    task.add_argument("--weight-decay", type=float, default=5e-4, help="inner SGD weight decay λ")
+    task.add_argument("--momentum", type=common.nonnegative_float, default=0.9, help="inner SGD momentum")
+    task.add_argument("--weight-decay", type=common.nonnegative_float, default=5e-4, help="inner SGD weight decay λ")
     task.add_argument("--lr-milestones", type=common.positive_int, nargs="*", default=None,
                       help="outer steps after which the inner lr is multiplied by 0.1; default 2/3 and 5/6 of "
                            "--outer-steps (Shu et al.: epochs 80 and 100 of 120)")
@@ -124,6 +124,7 @@ def load_data(args: argparse.Namespace, device: torch.device) -> dict:
 
     Raises:
         DatasetMissing: the files are not under ``--data-root``.
+        DataError: a file is damaged or inconsistent (named in the message).
         RecipeError: the training data is too small for the requested meta split.
     """
     def load(train: bool) -> tuple[Tensor, Tensor]:
@@ -215,26 +216,26 @@ def evaluate(model: nn.Module, split: tuple[Tensor, Tensor], num_classes: int, a
 
 
 # -- one run -------------------------------------------------------------------------------------
+@common.command
 def main(argv=None) -> dict:
     args = parse_args(argv)
     method = "baseline" if args.baseline else args.ihvp
-    with common.clean_errors():
-        solver = common.solver_from_args(args)
-        device = common.init_torchrun(common.resolve_device(args.device, args.threads))
-        if args.amp and device.type == "cpu" and common.is_main():
-            print("note: --amp on the CPU runs bfloat16 autocast too; it is slower than float32 on most CPUs")
-        data = load_data(args, device)
-        num_classes = len(data["counts"])
-        # Models: the classifier θ (initialised from --seed) and the weighting net φ.
-        torch.manual_seed(args.seed)
-        try:
-            model = WideResNet(args.depth, args.width, num_classes, channels=data["train"][0].shape[1]).to(device)
-            # Under torchrun: DDP, each rank training on its share of every batch (BatchNorm's batch
-            # statistics are then per share, as in any DDP run without SyncBatchNorm).
-            model = common.data_parallel(model)
-        except ValueError as error:
-            raise common.RecipeError(str(error)) from None
-        out = common.prepare_out(args)
+    solver = common.solver_from_args(args)
+    device = common.init_torchrun(common.resolve_device(args.device, args.threads))
+    if args.amp and device.type == "cpu" and common.is_main():
+        print("note: --amp on the CPU runs bfloat16 autocast too; it is slower than float32 on most CPUs")
+    data = load_data(args, device)
+    num_classes = len(data["counts"])
+    # Models: the classifier θ (initialised from --seed) and the weighting net φ.
+    torch.manual_seed(args.seed)
+    try:
+        model = WideResNet(args.depth, args.width, num_classes, channels=data["train"][0].shape[1]).to(device)
+        # Under torchrun: DDP, each rank training on its share of every batch (BatchNorm's batch
+        # statistics are then per share, as in any DDP run without SyncBatchNorm).
+        model = common.data_parallel(model)
+    except ValueError as error:
+        raise common.RecipeError(str(error)) from None
+    out = common.prepare_out(args)
 
     network = getattr(model, "module", model)  # the classifier itself: checkpoints move between 1 and n ranks
     weight_net = WeightNet(args.hidden).to(device)
@@ -243,7 +244,7 @@ def main(argv=None) -> dict:
     hopt = HyperOptimizer(weight_net.parameters(), base=torch.optim.Adam, ihvp=solver, lr=args.outer_lr)
     batches = torch.Generator().manual_seed(args.seed)  # training / meta batches and augmentation
 
-    checkpoint = common.Checkpoint(out, f"{method}-seed{args.seed}", resume=args.resume)
+    checkpoint = common.Checkpoint(args, f"{method}-seed{args.seed}")
     curves = {name: [] for name in (*CURVES, "eval_step", "test_acc")}
     weight_curves = []  # μ_φ on LOSS_GRID at every evaluation
     state = checkpoint.load()
@@ -304,9 +305,12 @@ def main(argv=None) -> dict:
             model.train()
         else:
             info = hopt.step(train_loss_fn, val_loss_fn, model)
+            common.check_hypergradient(info, f"{method}, outer step {step + 1}", "lower --inner-lr")
             val_loss, hvps, seconds = info.val_loss, info.hvps, info.seconds
 
         plain, weight_sum = common.mean_over_ranks(torch.stack([plain, weight_sum])).tolist()
+        common.check_finite(torch.tensor([plain, val_loss]), f"{method}, outer step {step + 1}: the training or "
+                            "meta loss", "lower --inner-lr")
         for name, value in zip(CURVES, (val_loss, plain / args.hyper_every,
                                         weight_sum / args.hyper_every, lr, hvps, seconds)):
             curves[name].append(value)
@@ -380,14 +384,18 @@ def plot_curves(path, metrics: dict, args: argparse.Namespace) -> None:
     def draw(fig) -> None:
         left, middle, right = fig.subplots(1, 3)
         steps = range(1, len(curves["val_loss"]) + 1)
-        left.plot(steps, curves["train_loss"], linewidth=0.8)
-        left.set(xlabel="outer step", ylabel="training cross-entropy (unweighted)", yscale="log")
-        middle.plot(steps, curves["val_loss"], linewidth=0.8)
-        middle.set(xlabel="outer step", ylabel="meta (validation) loss", yscale="log")
+        left.plot(steps, curves["train_loss"], linewidth=0.8, marker=common.marker_for(len(steps)))
+        left.set(xlabel="outer step", ylabel="training cross-entropy (unweighted)")
+        middle.plot(steps, curves["val_loss"], linewidth=0.8, marker=common.marker_for(len(steps)))
+        middle.set(xlabel="outer step", ylabel="meta (validation) loss")
         right.plot(curves["eval_step"], curves["test_acc"], marker="o")
-        right.set(xlabel="outer step", ylabel="test accuracy")
+        # The whole accuracy range: autoscaling blows 1.7 points up into a cliff.
+        right.set(xlabel="outer step", ylabel="test accuracy", ylim=(0, 1))
+        for ax, name in ((left, "train_loss"), (middle, "val_loss")):
+            common.loss_scale(ax, curves[name])
         for ax in (left, middle, right):
             ax.grid(alpha=0.3)
+        common.integer_steps(left, middle, right)
         fig.suptitle(f"{args.dataset}, imbalance {args.imbalance:g}, {metrics['method']}")
 
     common.save_figure(path, draw, figsize=(11.0, 3.6))

@@ -57,6 +57,12 @@ STYLES = {
     "identity": {"linestyle": "-.", "marker": "s"},
     "exact": {"linestyle": ":", "marker": "^", "linewidth": 2.0},
 }
+# --ihvp all: the solvers of the comparison in docs/recipes.md (the later minres and normal_cg are run by name)
+ALL = ("nystrom", "cg", "neumann", "identity", "exact")
+# Why Nyström can beat "exact" here, under the loss plot (docs/recipes.md, docs/methods.md).
+NYSTROM_NOTE = ("Nyström below exact is not a more exact hypergradient: outside its k = {rank} sketched directions it "
+                "divides by ρ = {rho:g}\n(×{scale:g}), a larger outer step where the curvature is small; see docs/methods.md, "
+                "\"What the Nyström hypergradient is\"")
 CURVES = ("val_loss", "train_loss", "test_loss", "val_acc", "train_acc", "test_acc", "decay_mean", "hvps", "seconds")
 
 
@@ -126,7 +132,7 @@ def evaluate(model: nn.Module, split: tuple[Tensor, Tensor]) -> tuple[float, flo
 
 
 # -- one run: one solver, one seed ---------------------------------------------------------------
-def run(args: argparse.Namespace, method: str, seed: int, device: torch.device, out) -> dict:
+def run(args: argparse.Namespace, method: str, seed: int, device: torch.device) -> dict:
     """Optimise φ for ``args.outer_steps`` outer steps; returns per-outer-step curves and inner losses."""
     data = make_data(seed, args, device)
     # Under torchrun each rank trains and validates on its shard (evaluation uses the full splits).
@@ -140,7 +146,7 @@ def run(args: argparse.Namespace, method: str, seed: int, device: torch.device, 
     hopt = HyperOptimizer(decay, base=torch.optim.SGD, ihvp=common.solver_from_args(args, method, seed=seed),
                           lr=args.outer_lr, momentum=args.momentum)
 
-    checkpoint = common.Checkpoint(out, f"{method}-seed{seed}", resume=args.resume)
+    checkpoint = common.Checkpoint(args, f"{method}-seed{seed}")
     curves = {name: [] for name in CURVES}
     inner_losses = []  # one (inner_steps,) tensor of training BCE per outer step
     state = checkpoint.load()
@@ -183,7 +189,8 @@ def run(args: argparse.Namespace, method: str, seed: int, device: torch.device, 
         inner_losses.append(losses)
 
         # Outer step at the inner solution θ_T, then projection onto φ ≥ 0.
-        info = common.outer_step(hopt, train_loss_fn, val_loss_fn, model, method)
+        info = hopt.step(train_loss_fn, val_loss_fn, model)
+        common.check_hypergradient(info, f"{method}, seed {seed}, outer step {step + 1}", "lower --inner-lr")
         with torch.no_grad():
             for phi in decay:
                 phi.clamp_(min=0.0)
@@ -248,6 +255,9 @@ def plot_losses(path, results: dict[str, list[dict]], args: argparse.Namespace) 
         top.legend()
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
+        common.integer_steps(top)
+        if "nystrom" in results and set(results) & {"cg", "exact", "identity"}:
+            fig.supxlabel(NYSTROM_NOTE.format(rank=args.rank, rho=args.rho, scale=1 / args.rho), fontsize="small")
 
     common.save_figure(path, draw)
 
@@ -261,11 +271,13 @@ def plot_accuracy(path, results: dict[str, list[dict]], args: argparse.Namespace
                 draw_band(ax, outer, [r["curves"][f"{split}_acc"] for r in runs], method)
             ax.set(xlabel="outer step", title=f"{split} accuracy")
             ax.grid(alpha=0.3)
+            common.integer_steps(ax)
         axes[0].legend()
 
     common.save_figure(path, draw, figsize=(10.0, 3.5))
 
 
+@common.command
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # Record the values used, so --resume notices a changed default.
@@ -273,14 +285,13 @@ def main(argv=None) -> dict:
         args.init_decay = INIT_DECAY[args.model]
     if args.inner_steps is None:
         args.inner_steps = INNER_STEPS[args.model]
-    with common.clean_errors():
-        methods = list(common.SOLVERS) if args.ihvp == "all" else [args.ihvp]
-        for method in methods:
-            common.solver_from_args(args, method)  # reject bad solver flags before any work
-        device = common.init_torchrun(common.resolve_device(args.device, args.threads))
-        out = common.prepare_out(args)
-        seeds = list(range(args.seed, args.seed + args.seeds))
-        results = {method: [run(args, method, seed, device, out) for seed in seeds] for method in methods}
+    methods = list(ALL) if args.ihvp == "all" else [args.ihvp]
+    for method in methods:
+        common.solver_from_args(args, method)  # reject bad solver flags before any work
+    device = common.init_torchrun(common.resolve_device(args.device, args.threads))
+    out = common.prepare_out(args)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    results = {method: [run(args, method, seed, device) for seed in seeds] for method in methods}
 
     metrics = summarize(results, seeds)
     common.write_json(out / "metrics.json", metrics)

@@ -68,14 +68,16 @@ def test_accuracy_writes_json_and_all_figures(tmp_path):
     saved = json.loads((tmp_path / "accuracy.json").read_text())
     assert set(saved["problems"]) == {"ridge", "mlp_indefinite"}
     ridge = saved["problems"]["ridge"]
-    assert set(ridge["curves"]) == {"CG", "Neumann α=1/λmax", "ITD (unrolled, T=l)", "Nyström columns ρ=0.01",
-                                    "Nyström gaussian ρ=0.01", "Identity"}
+    assert set(ridge["curves"]) == {"CG", "MINRES", "normal-CG", "Neumann α=1/λmax", "ITD (unrolled, T=l)",
+                                    "Nyström columns ρ=0.01", "Nyström gaussian ρ=0.01", "Identity"}
     assert "ITD (unrolled, T=l)" not in saved["problems"]["mlp_indefinite"]["curves"]  # no ITD on non-convex
     assert saved["problems"]["mlp_indefinite"]["eigenvalue_min"] < 0
     for pt in ridge["curves"]["CG"]:
         assert {"param", "hvps", "seconds", "error", "cosine"} <= set(pt)
     # At l = p = 60, CG and full-rank Nyström solve the ridge system: CG exactly, Nyström up to ρ's bias.
     assert ridge["curves"]["CG"][-1]["error"] < 1e-8
+    assert ridge["curves"]["MINRES"][-1]["error"] < 1e-8
+    assert [pt["hvps"] for pt in ridge["curves"]["normal-CG"]] == [1 + 2 * 1, 1 + 2 * 60]
     assert ridge["curves"]["Nyström columns ρ=0.01"][-1]["error"] < 0.1
     for pt in ridge["curves"]["Nyström columns ρ=0.01"]:
         assert -1.0 <= pt["cosine"] <= 1.0
@@ -175,3 +177,12 @@ def test_scaling_writes_both_curves(tmp_path):
     assert [(r["method"], r["k"]) for r in saved["in_k"]] == [("nystrom", 1), ("cg", 1), ("nystrom", 2), ("cg", 2)]
     assert [r["p"] for r in saved["in_p"]] == [784 * 4 + 4 + 4 * 4 + 4 + 4 * 10 + 10] * 2
     assert "| 2 | nystrom |" in scaling.markdown_tables(data)
+
+
+@pytest.mark.parametrize("name", ["accuracy", "distributed", "nystrom_overhead", "peers", "precision", "scaling",
+                                  "speed_memory"])
+def test_every_benchmark_takes_threads(name, capsys):
+    module = importlib.import_module(f"benchmarks.{name}")
+    with pytest.raises(SystemExit) as info:
+        module.main(["--help"])
+    assert info.value.code == 0 and "--threads" in capsys.readouterr().out

@@ -23,7 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from hyperopt_torch import ConjugateGradient, Exact, HyperOptimizer, Identity, Neumann, Nystrom, implicit_hypergradient
+from hyperopt_torch import (
+    ConjugateGradient, Exact, HyperOptimizer, Identity, Minres, Neumann, NormalCG, Nystrom, implicit_hypergradient,
+)
 from recipes import common, reweighting, weight_decay
 from recipes.cifar import write_cifar10
 
@@ -37,11 +39,14 @@ SOLVERS = {
     "cg": ConjugateGradient(iters=6, rho=0.1),
     "cg-tol": ConjugateGradient(iters=50, rho=0.1, tol=1e-6),
     "neumann": Neumann(iters=6, alpha=0.1),
+    "minres": Minres(iters=6, rho=0.1),
+    "normal_cg": NormalCG(iters=3, rho=0.1),
     "identity": Identity(),
     "exact": Exact(rho=0.1),
 }
 # One matvec call each, so one all-reduce (chunked Nyström and CG with tol are checked by bytes only).
-ONE_CALL_PER_HVP_BATCH = {"nystrom": 1, "nystrom-gaussian": 1, "cg": 6, "neumann": 6, "identity": 0, "exact": 1}
+ONE_CALL_PER_HVP_BATCH = {"nystrom": 1, "nystrom-gaussian": 1, "cg": 6, "neumann": 6, "minres": 6,
+                          "normal_cg": 1 + 2 * 3, "identity": 0, "exact": 1}
 
 
 def seeded(name, seed):

@@ -16,7 +16,7 @@ from torch import nn
 
 from hyperopt_torch import ConjugateGradient, Exact, Nystrom, implicit_hypergradient
 from recipes import imaml
-from recipes.data import write_idx_dataset
+from recipes.data import DataError, write_idx_dataset
 from recipes.fewshot import TaskSampler, load_classes, write_omniglot_tree
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -170,15 +170,22 @@ def test_resume_on_mnist_idx_files_matches_an_uninterrupted_run(tmp_path, mnist_
     assert resumed["baseline"] == straight["baseline"]
 
 
-def test_check_solvers_reproduces_the_dense_meta_gradient_with_the_exact_solver(tmp_path, mnist_root):
+def test_check_solvers_reproduces_the_dense_meta_gradient_with_the_exact_solver(tmp_path, mnist_root, capsys):
     # ρ → 0: the exact solver must then agree with the dense solve, in both forms, even where H_s + λI
     # is indefinite (a random net after two inner steps is far from a minimum).
+    # --alpha 100 makes every Neumann series diverge: its rows say so, in strict JSON and in the printout.
     check = imaml.main(["--dataset", "mnist", "--data-root", str(mnist_root), "--check-solvers", "--check-tasks", "1",
-                        "--rho", "1e-9", "--out", str(tmp_path), *TINY, "--width", "2"])
-    # Compared as text: a diverged Neumann solve is skipped and reported as NaN, and NaN != NaN.
-    assert json.dumps(check, sort_keys=True) == json.dumps(json.loads((tmp_path / "solver_check.json").read_text()),
-                                                            sort_keys=True)
+                        "--rho", "1e-9", "--alpha", "100", "--out", str(tmp_path), *TINY, "--width", "2"])
+    text = (tmp_path / "solver_check.json").read_text()
+    assert check == json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not strict JSON"))
     rows = {(r["lam"], r["ihvp"], r["lam_in"]): r for r in check["rows"]}
+    for lam in imaml.CHECK_LAMS:
+        neumann = rows[(lam, "neumann", "hessian")]
+        assert (neumann["status"], neumann["rel_error"], neumann["cosine"], neumann["failed_tasks"]) == (
+            "diverged", None, None, 1)
+        assert rows[(lam, "exact", "hessian")]["status"] == "ok"
+    printed = [line for line in capsys.readouterr().out.splitlines() if " neumann " in line]
+    assert len(printed) == 3 and all("diverged" in line and "nan" not in line for line in printed)
     for lam in imaml.CHECK_LAMS:
         for form in ("hessian", "damping"):
             assert rows[(lam, "exact", form)]["rel_error"] < 1e-5 and rows[(lam, "exact", form)]["cosine"] > 1 - 1e-9
@@ -208,6 +215,22 @@ def test_bad_flag_or_missing_data_exits_non_zero_with_one_error_line(tmp_path, c
     assert exit_info.value.code == 2  # argparse prints its usage, then the one error line
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "recipes.imaml: error: argument --ways: expected an integer >= 1, got 0")
+
+
+def test_a_diverging_inner_loop_stops_with_one_line_instead_of_skipping_every_step(tmp_path, mnist_root):
+    with pytest.raises(SystemExit, match=r"^error: nystrom, outer step 1: the step was skipped, .*: the inner loop "
+                                         r"diverged; lower --inner-lr$"):
+        with pytest.warns(RuntimeWarning, match="skipped"):  # the library's own word, before the recipe stops
+            imaml.main(["--dataset", "mnist", "--data-root", str(mnist_root), "--inner-lr", "1e8", "--outer-steps", "3",
+                        "--out", str(tmp_path), *TINY])
+
+
+def test_a_truncated_omniglot_drawing_is_named(tmp_path):
+    base = write_omniglot_tree(tmp_path, alphabets=1, characters=1, drawers=2)
+    drawing = sorted(base.rglob("*.png"))[0]
+    drawing.write_bytes(drawing.read_bytes()[:60])
+    with pytest.raises(DataError, match=f"{drawing} is not a readable image"):
+        load_classes("omniglot", tmp_path, train_classes=1)
 
 
 def test_runs_as_module_with_help():

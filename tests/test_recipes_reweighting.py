@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, hessian, jacrev
 from hyperopt_torch import implicit_hypergradient, make_solver
 from recipes import reweighting
 from recipes.cifar import FOLDER, load_cifar10, long_tail_counts, long_tail_split, write_cifar10
-from recipes.data import write_idx_dataset
+from recipes.data import DataError, write_idx_dataset
 from recipes.wideresnet import WideResNet
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -71,6 +71,24 @@ def test_cifar_pickles_are_read_in_the_real_layout(data_root):
                           + torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1), first, atol=1e-6)
     assert y[:len(raw["labels"])].tolist() == raw["labels"]
     assert load_cifar10(data_root, train=False)[0].shape == (50, 3, 32, 32)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b.update(labels=b["labels"][:-1]), r"data_batch_1 holds 100 images but 99 labels"),
+    (lambda b: b["labels"].__setitem__(3, 12), r"data_batch_1 holds label 12, outside the classes 0..9"),
+    (lambda b: b.update(data=b["data"][:, :3000]), r"data_batch_1: data of shape \(100, 3000\), expected \(N, 3072\)"),
+    (lambda b: b.pop("labels"), r"data_batch_1 is not a CIFAR-10 batch \(KeyError"),
+])
+def test_inconsistent_cifar_batches_are_refused_naming_the_file(tmp_path, damage, message):
+    write_cifar10(tmp_path, n_train=500, n_test=10)
+    path = tmp_path / FOLDER / "data_batch_1"
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    damage(batch)
+    with open(path, "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(DataError, match=message):
+        load_cifar10(tmp_path, train=True)
 
 
 def test_augment_crops_a_window_of_the_padded_image_or_its_mirror():
@@ -174,17 +192,42 @@ def test_bad_values_and_missing_data_exit_with_one_line(tmp_path, data_root):
     with pytest.raises(SystemExit, match="^error: --meta-fraction 0.99: .* leaves no training images"):
         reweighting.main(["--data-root", str(data_root), "--outer-steps", "1", *TINY, "--meta-fraction", "0.99",
                           "--out", str(tmp_path)])
-    result = subprocess.run([sys.executable, "-m", "recipes.reweighting", "--data-root", str(tmp_path / "none"),
-                             "--out", str(tmp_path / "out"), *TINY], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: cifar10 not found") and result.stderr.count("\n") == 1
+    with pytest.raises(SystemExit, match=r"^error: cifar10 not found: expected .*data_batch_1\. Pass --download"):
+        reweighting.main(["--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "out"), *TINY])
 
 
-@pytest.mark.parametrize("flag", [["--imbalance", "0.5"], ["--label-noise", "1.5"], ["--ihvp", "lbfgs"]])
+@pytest.mark.parametrize("flags", [["--inner-lr", "1e6"], ["--baseline", "--inner-lr", "1e6"]])
+def test_a_diverging_inner_loop_stops_with_one_line_and_exit_status_1(tmp_path, data_root, flags):
+    with pytest.raises(SystemExit) as info:
+        reweighting.main(["--data-root", str(data_root), "--outer-steps", "2", *TINY, *flags, "--out", str(tmp_path)])
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "the inner loop diverged; lower --inner-lr" in message
+    assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("flag", [["--imbalance", "0.5"], ["--label-noise", "1.5"], ["--ihvp", "lbfgs"],
+                                  ["--momentum", "-0.5"], ["--momentum", "nan"], ["--weight-decay", "-1"],
+                                  ["--inner-lr", "inf"]])
 def test_bad_flags_are_usage_errors(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         reweighting.parse_args(flag)
     assert exit_info.value.code == 2 and flag[0] in capsys.readouterr().err
+
+
+def test_curves_plot_keeps_accuracy_whole_labels_log_axes_and_counts_steps_in_integers(figures):
+    args = reweighting.parse_args(["--outer-steps", "3"])
+    steps = 3
+    metrics = {"method": "nystrom", "curves": {"train_loss": [2.3, 0.4, 0.05], "val_loss": [1.9, 1.8, 1.7],
+                                               "eval_step": [3], "test_acc": [0.4575]}}
+    reweighting.plot_curves("curves.png", metrics, args)
+    train_ax, meta_ax, acc_ax = figures["curves.png"].axes
+    assert acc_ax.get_ylim() == (0.0, 1.0)  # 0.4575 alone is not blown up to fill the axis
+    for ax in (train_ax, meta_ax, acc_ax):
+        assert all(float(tick).is_integer() for tick in ax.get_xticks() if 1 <= tick <= steps)
+    assert train_ax.get_yscale() == "log" and meta_ax.get_yscale() == "linear"  # 0.05..2.3 spans a decade; 1.7..1.9 not
+    low, high = train_ax.get_ylim()
+    labelled = [t for t in train_ax.get_yticks() if low <= t <= high]
+    assert len(labelled) >= 4 and train_ax.yaxis.get_major_formatter()(labelled[1], 1) in ("0.1", "0.2", "0.5")
 
 
 def test_runs_as_module_with_help():

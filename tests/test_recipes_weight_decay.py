@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from recipes import weight_decay
 
@@ -67,14 +68,54 @@ def test_exact_on_a_model_too_large_for_it_exits_with_one_line_naming_the_solver
                            "--n-test", "10", "--inner-steps", "1", "--outer-steps", "1", "--no-progress",
                            "--out", str(tmp_path)])
     message = str(info.value.code)
-    assert message.startswith("error: --ihvp exact: ") and "\n" not in message
+    assert message.startswith("error: Exact() needs about ") and "\n" not in message
+    assert "raise --max-memory (GiB) if the device has the memory" in message  # the flag, not Exact(max_memory=...)
+
+
+def test_max_memory_flag_reaches_the_exact_solver(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: Exact\(\) needs .* more than max_memory=0.00 GiB"):
+        weight_decay.main(["--ihvp", "exact", "--max-memory", "1e-6", "--outer-steps", "1", "--out", str(tmp_path),
+                           *SMALL])
+
+
+def test_a_new_run_in_an_occupied_folder_needs_overwrite_and_never_resumes_the_old_runs_state(tmp_path, monkeypatch):
+    flags = ["--outer-steps", "2", "--checkpoint-every", "1", "--out", str(tmp_path / "run"), *SMALL, "--inner-steps", "5"]
+    weight_decay.main(flags)
+    with pytest.raises(SystemExit, match=r"^error: --out .*run holds an earlier run \(config.json, metrics.json"):
+        weight_decay.main([*flags, "--rank", "3"])
+
+    def killed(*args):  # the new run dies before its first checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(weight_decay, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        weight_decay.main([*flags, "--rank", "3", "--overwrite"])
+    monkeypatch.undo()
+    resumed = weight_decay.main([*flags, "--rank", "3", "--resume"])  # starts afresh: the old checkpoint is gone
+    fresh = weight_decay.main([*flags, "--rank", "3", "--out", str(tmp_path / "fresh")])
+    assert resumed["methods"]["nystrom"]["curves"]["val_loss"] == fresh["methods"]["nystrom"]["curves"]["val_loss"]
+
+
+@pytest.mark.parametrize("device, message", [("meta", "--device meta cannot run a recipe"), ("cuda:0", "CUDA"),
+                                             ("nonsense", "invalid --device 'nonsense'")])
+def test_unusable_devices_are_one_line_errors(tmp_path, device, message):
+    if device == "cuda:0" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+        weight_decay.main(["--device", device, "--out", str(tmp_path), *SMALL])
+
+
+def test_out_pointing_at_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: --out .*file is a file, not a folder"):
+        weight_decay.main(["--out", str(tmp_path / "file"), *SMALL])
 
 
 @pytest.mark.parametrize("flag", ["--init-decay", "--momentum", "--noise"])
 def test_negative_values_of_nonnegative_flags_are_usage_errors(tmp_path, flag, capsys):
     with pytest.raises(SystemExit) as info:
         weight_decay.main([flag, "-1", "--out", str(tmp_path), *SMALL])
-    assert info.value.code == 2 and "expected a number >= 0" in capsys.readouterr().err
+    assert info.value.code == 2 and "expected a finite number >= 0" in capsys.readouterr().err
 
 
 def test_a_diverging_inner_loop_stops_with_a_message_and_nonzero_exit(tmp_path):
@@ -91,8 +132,12 @@ def test_one_seed_prints_no_spread(tmp_path, capsys):
     assert "±" not in line
 
 
-def test_every_solver_gets_its_own_line_style_in_the_loss_plot(tmp_path, figures):
+def test_the_loss_plot_gives_every_solver_a_style_says_why_nystrom_beats_exact_and_counts_steps_in_integers(
+        tmp_path, figures):
     weight_decay.main(["--ihvp", "all", "--outer-steps", "2", "--out", str(tmp_path), *SMALL])
-    for ax in figures["losses.png"].axes:
+    fig = figures["losses.png"]
+    for ax in fig.axes:
         styles = {(line.get_linestyle(), line.get_marker()) for line in ax.get_lines()}
         assert len(styles) == 5  # cg, exact and identity overlap on this problem: colour alone hides them
+    assert "divides by ρ = 0.01" in fig.get_supxlabel() and "exact" in fig.get_supxlabel()
+    assert all(float(tick).is_integer() for tick in fig.axes[0].get_xticks())  # 2 steps: no 1.25, 1.5, ...

@@ -19,7 +19,9 @@ from ._base import Matvec, Operator, Solution, Solver, as_operator, matvec_inpla
 from .cg import ConjugateGradient, cg_solve
 from .exact import Exact, exact_memory, exact_solve
 from .identity import Identity, identity_solve
+from .minres import Minres, minres_solve
 from .neumann import Neumann, neumann_solve
+from .normal_cg import NormalCG, normal_cg_solve
 from .nystrom import Nystrom, nystrom_from_sketch, nystrom_sketch, nystrom_solve, sample_columns
 
 
@@ -34,8 +36,11 @@ SOLVER_SETTINGS: dict[str, tuple[str, ...]] = {
     "neumann": ("iters", "alpha"),
     "identity": (),
     "exact": ("rho",),
+    "minres": ("iters", "rho", "tol"),
+    "normal_cg": ("iters", "rho", "tol"),
 }
-_CLASSES = {"nystrom": Nystrom, "cg": ConjugateGradient, "neumann": Neumann, "identity": Identity, "exact": Exact}
+_CLASSES = {"nystrom": Nystrom, "cg": ConjugateGradient, "neumann": Neumann, "identity": Identity, "exact": Exact,
+            "minres": Minres, "normal_cg": NormalCG}
 SOLVER_NAMES = tuple(SOLVER_SETTINGS)
 # Settings that do not change what a solver computes (κ trades memory for HVPs
 # with the same result up to rounding, Section 2.4; a seed is superseded by the
@@ -47,9 +52,9 @@ def make_solver(name: str, **settings) -> Solver:
     """Build a solver from its name and the settings that apply to it (:data:`SOLVER_SETTINGS`).
 
     ``name`` is one of ``"nystrom"`` (settings ``rank``, ``rho``, ``chunk``,
-    ``sketch``, ``seed``), ``"cg"`` (``iters``, ``rho`` as damping, ``tol``),
-    ``"neumann"`` (``iters``, ``alpha``), ``"identity"`` (none) or ``"exact"``
-    (``rho`` as damping).  Settings given as ``None`` are ignored (the
+    ``sketch``, ``seed``), ``"cg"``, ``"minres"`` and ``"normal_cg"`` (each
+    ``iters``, ``rho`` as damping, ``tol``), ``"neumann"`` (``iters``,
+    ``alpha``), ``"identity"`` (none) or ``"exact"`` (``rho`` as damping).  Settings given as ``None`` are ignored (the
     solver's default applies).
 
     Raises:
@@ -80,7 +85,8 @@ def solver_config(solver) -> dict:
 __all__ = [
     "Matvec", "Operator", "as_operator", "Solution", "Solver", "matvec_inplace", "run_solver", "make_solver", "SOLVER_NAMES", "SOLVER_SETTINGS", "RESULT_NEUTRAL",
     "solver_config",
-    "Nystrom", "ConjugateGradient", "Neumann", "Identity", "Exact",
-    "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "neumann_solve", "identity_solve", "exact_solve",
+    "Nystrom", "ConjugateGradient", "Minres", "NormalCG", "Neumann", "Identity", "Exact",
+    "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "minres_solve", "normal_cg_solve",
+    "neumann_solve", "identity_solve", "exact_solve",
     "sample_columns", "exact_memory",
 ]
