@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from hyperopt_torch import (ConjugateGradient, Exact, HyperOptimizer, Identity, InnerSGD, Neumann, Nystrom,
-                            implicit_hypergradient, unrolled_hypergradient)
+from hyperopt_torch import (ConjugateGradient, Exact, HyperOptimizer, Identity, InnerSGD, Minres, Neumann, NormalCG,
+                            Nystrom, implicit_hypergradient, unrolled_hypergradient)
 
 DT = torch.float64
 WORLD = 2
@@ -37,6 +37,8 @@ SOLVERS = {
     "cg": lambda: ConjugateGradient(iters=6, rho=0.1),
     "cg-tol": lambda: ConjugateGradient(iters=50, rho=0.1, tol=1e-6),
     "neumann": lambda: Neumann(iters=6, alpha=0.1),
+    "minres": lambda: Minres(iters=6, rho=0.1),
+    "normal_cg": lambda: NormalCG(iters=3, rho=0.1),
     "identity": Identity,
     "exact": lambda: Exact(rho=0.1),
 }
