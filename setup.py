@@ -14,6 +14,9 @@ setup(
     extras_require={
         "recipes": ["torchvision==0.28.0", "pillow", "matplotlib", "numpy"],
         "test": ["pytest", "numpy", "matplotlib"],
+        # Optional, for hyperopt_torch.interop and the porting tests (skipped without them); tested with
+        # torchopt 0.7.3, higher 0.2.1 and betty-ml 0.1.1. Install with --no-deps to keep the installed torch.
+        "peers": ["torchopt>=0.7.3", "optree", "graphviz", "higher>=0.2.1", "betty-ml>=0.1.1"],
     },
     license="MIT",
 )

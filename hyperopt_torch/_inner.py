@@ -94,12 +94,13 @@ class Inner:
             what = "parameters" if self.kind == "module" else "tensors"
             raise ValueError(f"{argument} has no {what} with requires_grad=True: there is no inner problem to "
                              "differentiate")
-        for name, p in zip(self.names, self.params):
+        for i, p in enumerate(self.params):
             if not p.is_leaf:
+                how = ("p.detach().requires_grad_()" if self.kind != "module" else
+                       "for p in model.parameters(): p.detach_().requires_grad_() (torchopt: torchopt.stop_gradient(model))")
                 raise ValueError(
-                    f"{name} is not a leaf tensor: it is the result of an operation still attached to a graph "
-                    "(e.g. fast weights after an inner update). Pass it detached, as a new leaf: "
-                    "p.detach().requires_grad_()")
+                    f"{self.name(i)} is not a leaf tensor: it is the result of an operation still attached to a graph "
+                    f"(e.g. fast weights after an inner update). Pass it detached, as a new leaf: {how}")
 
     def _module_params(self) -> tuple[list[Tensor], list[str]]:
         seen: set[int] = set()
@@ -194,11 +195,14 @@ def check_loss_call(fn, value, name: str, error: TypeError, argument: str) -> No
         return
     else:
         return
-    what = "the module" if isinstance(value, nn.Module) else f"the {type(value).__name__} of tensors"
+    if isinstance(value, nn.Module):
+        what, like = "the module", "lambda m: loss(m(x), y)"
+    else:
+        what, like = f"the {type(value).__name__} of tensors", "lambda params: loss(params, hparams)"
     raise TypeError(
-        f"{name} is called with one argument, {what} passed as {argument} (a loss like `lambda m: "
-        f"loss(m(x), y)`); its signature {inspect.signature(fn)} does not accept that. Close over the data and "
-        "the hyperparameters instead of taking them as arguments.") from error
+        f"{name} is called with one argument, {what} passed as {argument} (a loss like `{like}`); its signature "
+        f"{inspect.signature(fn)} does not accept that. Close over the data and the hyperparameters instead of "
+        "taking them as arguments.") from error
 
 
 class ModelSnapshot:

@@ -332,13 +332,14 @@ class HyperOptimizer(Optimizer):
                              f"{type(self.base).__name__}: build it with the checkpoint's base optimizer")
         # All or nothing: a solver state that fails to load (a corrupt generator state) must not leave
         # the base optimizer's state replaced.
-        saved_base, saved_solver = copy.deepcopy(self.base.state_dict()), self._solver_state()
+        # (Copied without state_dict(), whose hooks would fire for a checkpoint nobody asked for.)
+        saved_base, saved_solver = _BaseState(self.base, self.hparams), self._solver_state()
         try:
             self.base.load_state_dict(state_dict)
             if entry.get("solver_state") is not None:
                 self.solver.load_state_dict(entry["solver_state"])
         except BaseException:
-            self.base.load_state_dict(saved_base)
+            saved_base.restore()
             self._restore_solver(saved_solver)
             raise
         if entry.get("engine") in ENGINES:

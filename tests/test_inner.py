@@ -200,3 +200,14 @@ def test_an_hparam_sharing_a_parameters_memory_is_refused_saying_to_clone(alias)
     grads, _ = implicit_hypergradient([first], lambda m: (m.weight ** 2).sum() * first.exp().sum(),
                                       lambda m: m.weight.sum() + first.sum(), flat, Exact(rho=1.0))
     assert torch.isfinite(grads[0]).all()
+
+
+def test_a_non_leaf_parameter_of_a_module_is_named_by_its_path():
+    """torchopt's InnerNet after solve() holds parameters that are still attached to a graph."""
+    model, hparams, train, val = problem("module")
+    w = model[2].weight
+    del model[2].weight
+    model[2].weight = w * 1.0  # a non-leaf tensor where the parameter was
+    model[2]._parameters["weight"] = model[2].__dict__.pop("weight")
+    with pytest.raises(ValueError, match=r"model\.2\.weight is not a leaf tensor.*p\.detach_\(\)\.requires_grad_\(\)"):
+        implicit_hypergradient(hparams, train, val, model, Exact())

@@ -353,6 +353,67 @@ def test_zero_grad_set_to_none_false_and_step_hooks_reach_the_base():
     assert seen == [hopt.base]
 
 
+def test_every_public_torch_optim_feature_behaves_as_on_the_base(ridge):
+    """The delegation (as torch.distributed.optim's PostLocalSGDOptimizer): each public feature of
+    torch.optim.Optimizer, exercised on the shell and on a plain base side by side, does the same."""
+    def pair():
+        phi = [ridge.phi.detach().clone().requires_grad_() for _ in range(2)]
+        return phi, HyperOptimizer([phi[0]], base=torch.optim.Adam, ihvp="identity", lr=0.1), \
+            torch.optim.Adam([phi[1]], lr=0.1)
+
+    phi, hopt, plain = pair()
+    events = {id(hopt): [], id(plain): []}
+    for opt in (hopt, plain):
+        log = events[id(opt)]
+        opt.register_step_pre_hook(lambda o, a, k, log=log: log.append("pre"))
+        opt.register_step_post_hook(lambda o, a, k, log=log: log.append("post"))
+        opt.register_state_dict_pre_hook(lambda o, log=log: log.append("sd pre"))
+        opt.register_state_dict_post_hook(lambda o, sd, log=log: log.append("sd post") or sd)
+        opt.register_load_state_dict_pre_hook(lambda o, sd, log=log: log.append("load pre") or sd)
+        opt.register_load_state_dict_post_hook(lambda o, log=log: log.append("load post"))
+    for opt, p in zip((hopt, plain), phi):
+        p.grad = torch.ones_like(p)
+        opt.step()
+        opt.load_state_dict(opt.state_dict())
+        opt.zero_grad(set_to_none=False)
+    assert events[id(hopt)] == events[id(plain)] == ["pre", "post", "sd pre", "sd post", "load pre", "load post"]
+    assert torch.equal(phi[0], phi[1]) and torch.equal(phi[0].grad, phi[1].grad)
+    extra = [torch.zeros(2, dtype=DT, requires_grad=True) for _ in range(2)]
+    hopt.add_param_group({"params": [extra[0]], "lr": 0.5})
+    plain.add_param_group({"params": [extra[1]], "lr": 0.5})
+    assert [g["lr"] for g in hopt.param_groups] == [g["lr"] for g in plain.param_groups]
+    assert isinstance(hopt, torch.optim.Optimizer) and hopt.defaults == plain.defaults
+
+
+def test_a_closure_is_refused_with_what_to_pass_instead(ridge):
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="identity", lr=0.1)
+    closure = lambda: ridge.train_loss(ridge.model)
+    for call in (lambda: hopt.step(closure), lambda: hopt.step(closure=closure)):
+        with pytest.raises(TypeError, match=r"takes no closure: call step\(train_loss_fn, val_loss_fn, params\)"):
+            call()
+
+
+def test_accumulate_adds_weighted_hypergradients_in_place_as_backward_does(ridge):
+    """A reference to .grad (a gradient hook, GradScaler, a logger) sees the sum; weight=1/B gives the mean."""
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="exact", lr=0.1)
+    g = hopt.hypergradient(ridge.train_loss, ridge.val_loss, ridge.model).grads[0]
+    ridge.phi.grad = torch.ones_like(ridge.phi)
+    held = ridge.phi.grad
+    hopt.accumulate(ridge.train_loss, ridge.val_loss, ridge.model, weight=0.25)
+    hopt.accumulate(ridge.train_loss, ridge.val_loss, ridge.model, weight=0.25)
+    assert ridge.phi.grad is held
+    torch.testing.assert_close(held, 1 + 0.5 * g, rtol=1e-14, atol=0)
+    hopt.zero_grad()
+    hopt.accumulate(ridge.train_loss, ridge.val_loss, ridge.model, weight=0.5)
+    torch.testing.assert_close(ridge.phi.grad, 0.5 * g, rtol=1e-14, atol=0)
+    ridge.phi.grad = torch.zeros((), dtype=DT).expand(ridge.phi.shape)  # cannot be written in place: replaced
+    hopt.accumulate(ridge.train_loss, ridge.val_loss, ridge.model)
+    torch.testing.assert_close(ridge.phi.grad, g, rtol=1e-14, atol=0)
+    for bad in (float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="Invalid weight"):
+            hopt.accumulate(ridge.train_loss, ridge.val_loss, ridge.model, weight=bad)
+
+
 def test_named_parameters_and_named_groups_work_as_in_torch_optim():
     wnet = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 1)).to(DT)
     hopt = HyperOptimizer(wnet.named_parameters(), base=torch.optim.SGD, ihvp="identity", lr=0.1)
@@ -606,3 +667,72 @@ def test_warnings_point_at_the_callers_line_whichever_way_the_step_was_called(ri
             warnings.simplefilter("always")
             call()
         assert caught and all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
+
+
+# --- deterministic resume across processes (issue 18 §5) -------------------------------------------------------
+
+_RESUME_SCRIPT = r'''
+import sys, torch
+from torch import nn
+from hyperopt_torch import HyperOptimizer
+from hyperopt_torch.hvp import HessianVectorProduct
+
+torch.set_num_threads(1)
+path, modes = sys.argv[1], sys.argv[2:]
+real = HessianVectorProduct._timed
+
+
+def measure(prefer):  # a fake clock: the first or the last candidate wins the measurement
+    def timed(self, candidates, V):
+        _, seconds = real(self, candidates, V)
+        return (0 if prefer == "first" else len(candidates) - 1), seconds
+    HessianVectorProduct._timed = timed
+
+
+def problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(400, 26))  # float32, p = 10,466
+    x, y = torch.randn(16, 1, 12, 12), torch.randn(16, 26)
+    decay = [torch.full_like(p, -3.0, requires_grad=True) for p in model.parameters()]
+    train = lambda m: ((m(x) - y) ** 2).mean() + sum((d.exp() * p ** 2).sum() for d, p in zip(decay, m.parameters()))
+    val = lambda m: ((m(x[:8]) - y[:8]) ** 2).mean()
+    return model, decay, train, val, HyperOptimizer(decay, base=torch.optim.Adam, rank=4, rho=0.1, lr=0.05)
+
+
+for mode in modes:
+    model, decay, train, val, hopt = problem()
+    if mode in ("whole", "save"):
+        measure("first")
+        for step in range(4 if mode == "whole" else 2):
+            hopt.step(train, val, model)
+        if mode == "save":
+            torch.save({"hopt": hopt.state_dict(), "decay": [d.detach() for d in decay]}, path)
+            continue
+    else:
+        measure("last")  # this process would measure the other way round
+        state = torch.load(path, weights_only=False)
+        if mode == "forget":
+            state["hopt"]["hyperopt"]["batching"] = {}
+        hopt.load_state_dict(state["hopt"])
+        with torch.no_grad():
+            for d, s in zip(decay, state["decay"]):
+                d.copy_(s)
+        for step in range(2):
+            hopt.step(train, val, model)
+    torch.save([d.detach() for d in decay], f"{path}.{mode}")
+'''
+
+
+def test_a_run_resumed_in_a_new_process_reproduces_the_uninterrupted_one_bit_for_bit(tmp_path):
+    """The measured engine and batching are saved with the optimizer: a process that would measure differently
+    reuses them; without them (forget) its products differ in the last bits, so the test can tell."""
+    import subprocess
+    import sys
+
+    script, path = tmp_path / "resume.py", str(tmp_path / "ck.pt")
+    script.write_text(_RESUME_SCRIPT)
+    for modes in (["whole", "save"], ["resume", "forget"]):
+        subprocess.run([sys.executable, str(script), path, *modes], check=True, timeout=300)
+    whole, resumed, forgot = (torch.load(f"{path}.{m}") for m in ("whole", "resume", "forget"))
+    assert all(torch.equal(a, b) for a, b in zip(whole, resumed))
+    assert not all(torch.equal(a, b) for a, b in zip(whole, forgot))
