@@ -9,7 +9,9 @@ method of ``benchmarks/common.py``; glibc returns freed blocks at once under
 ``MALLOC_MMAP_THRESHOLD_``, set here for the ranks).  A warm-up step first pays
 the one-time costs (the HVP strategy's measurement, FSDP's lazy init).  The
 model is a wide MLP, so that ``p``-sized objects dominate, in float32 with one
-scalar hyperparameter (a log weight decay), so that ``|φ|`` adds nothing.
+scalar hyperparameter (a log weight decay), so that ``|φ|`` adds nothing.  Each
+rank's HyperOptimizer measures its own HVP engine and batching on its first step;
+the one used is recorded, since it moves the peak (a ``vmap`` block against a loop).
 
     python -m benchmarks.fsdp_memory --out docs/results/fsdp_memory_cpu.json
 """
@@ -74,9 +76,10 @@ def _rank(rank, world, init, args, out):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = _status_bytes("VmRSS")
-        hopt.step(train, val, model)
+        info = hopt.step(train, val, model)
         peak = _status_bytes("VmHWM")
-        rows[name] = {"baseline_bytes": before, "peak_bytes": peak, "step_bytes": peak - before}
+        rows[name] = {"baseline_bytes": before, "peak_bytes": peak, "step_bytes": peak - before,
+                      "engine": info.engine, "hvp_strategy": info.hvp_strategy}
     Path(out, f"rank{rank}.json").write_text(json.dumps({"p": p, "local_param_bytes": local, "methods": rows}))
     if sharded:
         dist.destroy_process_group()
@@ -102,13 +105,14 @@ def main(argv=None):
     results = {1: run(1, args), args.world: run(args.world, args)}
     p = results[1][0]["p"]
     print(f"p = {p:,} float32 parameters ({4 * p / 2**20:.1f} MiB), k = l = {args.k}, batch {args.batch}")
-    print(f"{'ranks':>5} {'rank':>4} {'method':>8} {'params held':>12} {'before step':>12} {'step peak':>10} {'in p·4 B':>8}")
+    print(f"{'ranks':>5} {'rank':>4} {'method':>8} {'params held':>12} {'before step':>12} {'step peak':>10} "
+          f"{'in p·4 B':>8}  HVPs")
     for world, ranks in results.items():
         for r, row in enumerate(ranks):
             for name, m in row["methods"].items():
                 print(f"{world:>5} {r:>4} {name:>8} {row['local_param_bytes'] / 2**20:>10.1f}Mi "
                       f"{m['baseline_bytes'] / 2**20:>10.1f}Mi {m['step_bytes'] / 2**20:>8.1f}Mi "
-                      f"{m['step_bytes'] / (4 * p):>8.2f}")
+                      f"{m['step_bytes'] / (4 * p):>8.2f}  {m['engine']}, {m['hvp_strategy']}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"backend": "gloo", "dtype": "float32", "machine": "shared 2-core CPU box",
