@@ -3,7 +3,7 @@
 One spawn of 2 processes shards the same float64 MLP with ``fully_shard`` on a 1-D CPU mesh and runs
 every scenario (every solver and both engines for two kinds of hyperparameter, HyperOptimizer
 trajectories with inner FSDP steps, a checkpoint resumed, a mixed-precision policy, a NaN and an
-exception on one rank, the refusals) and saves what each rank saw; the tests below compare those records
+exception on one rank, the refusals, the reweighting recipe with ``--fsdp``) and saves what each rank saw; the tests below compare those records
 with references computed here, in one process on the concatenated batches.
 
 The MLP's dim-0 sizes 5, 3 and 1 do not divide by 2: the ranks hold shards of 3/2, 2/1 and 1/0 rows
@@ -231,7 +231,7 @@ def _worker(rank, init_file, out_dir):
     _kinds.FUNC_MIN_PARAMS = 0  # as tests/conftest.py does in the test process: engine="func" stays on torch.func
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
-    short = dist.new_group(backend="gloo", timeout=timedelta(seconds=3))  # for section 6, created while in step
+    short = dist.new_group(backend="gloo", timeout=timedelta(seconds=3))  # for section 7, created while in step
     mesh = init_device_mesh("cpu", (WORLD,))
     record = {}
 
@@ -346,7 +346,7 @@ def _worker(rank, init_file, out_dir):
     info = hopt.step(train, val, model)
     record["nan"]["then"] = {"skipped": info.skipped, "same": _gathered_equal(flat(hparams))}
 
-    # 7. The reweighting recipe with --fsdp (its WideResNet sharded child by child), checkpointed every outer step
+    # 6. The reweighting recipe with --fsdp (its WideResNet sharded child by child), checkpointed every outer step
     #    (full state dicts gathered to rank 0), then resumed for one more step.
     common.save_figure = _no_plot
     flags = ["--data-root", str(Path(out_dir) / "cifar"), "--out", str(Path(out_dir) / "reweighting"), "--fsdp",
@@ -358,7 +358,7 @@ def _worker(rank, init_file, out_dir):
     record["recipe"] = {"val_loss": first, "resumed": resumed, "straight": straight,
                         "same": _gathered_equal(torch.tensor(resumed))}
 
-    # 6. An exception on rank 1 while rank 0 waits in a collective of the short-timeout group (the model's mesh):
+    # 7. An exception on rank 1 while rank 0 waits in a collective of the short-timeout group (the model's mesh):
     #    both raise, and both models, hparams and generators are as found.
     _, model, hparams = make_problem("decay")
     # A dim name of its own: meshes over the same ranks otherwise compare equal, and DTensor's caches may then
