@@ -3,8 +3,9 @@
 One spawn of 2 processes shards the same float64 MLP with ``fully_shard`` on a 1-D CPU mesh and runs
 every scenario (every solver and both engines for two kinds of hyperparameter, HyperOptimizer
 trajectories with inner FSDP steps, a checkpoint resumed, a mixed-precision policy, a NaN and an
-exception on one rank, the refusals, the reweighting recipe with ``--fsdp``) and saves what each rank saw; the tests below compare those records
-with references computed here, in one process on the concatenated batches.
+exception on one rank, the refusals, the reweighting recipe with ``--fsdp``) and saves what each rank
+saw; the tests below compare those records with references computed here, in one process on the
+concatenated batches.
 
 The MLP's dim-0 sizes 5, 3 and 1 do not divide by 2: the ranks hold shards of 3/2, 2/1 and 1/0 rows
 (rank 1's shard of the last layer is empty).
