@@ -5,7 +5,9 @@ and its shard of a synthetic batch, and records from ``HypergradInfo`` how many
 collectives each rank made and how many bytes it handed to them.  Counts and
 bytes are exact and machine-independent; the script prints them with the
 closed-form prediction of docs/distributed.md.  (Timings on the shared 2-core
-box these were run on would say nothing about a network, so none are taken.)
+box these were run on would say nothing about a network, so the only time
+taken is that of the ranks' agreement check, a fixed cost of the first step:
+median wall time of ``--check-repeats`` calls, beside one Nyström step's.)
 
     python -m benchmarks.distributed --out docs/results/distributed_comm.json
 """
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from hyperopt_torch import ConjugateGradient, Exact, HyperOptimizer, Identity, Neumann, Nystrom
+from hyperopt_torch.distributed import Collectives
 
 from . import common
 
@@ -73,10 +78,28 @@ def _rank(rank, world, init, args, out):
                       "sketch_or_vectors_bytes": 4 * info.hvps * p}
         if rank == 0:
             print(f"{name}: done", flush=True)
+        if name == "nystrom k=10":
+            step_seconds = _median_wall(lambda: hopt.step(train, val, ddp), 5)
+            description = {"solver": repr(hopt.solver), "residual": False,
+                           "hparams": [(tuple(h.shape), str(h.dtype)) for h in decay],
+                           "parameters": [(tuple(q.shape), str(q.dtype)) for q in model.parameters()]}
+    comm = Collectives(dist.group.WORLD)
+    check = _median_wall(lambda: comm.check_agreement(description), args.check_repeats)
+    rows["agreement check"] = {"seconds": check, "nystrom_step_seconds": step_seconds}
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _median_wall(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main(argv=None):
@@ -87,12 +110,16 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width")
     parser.add_argument("--batch", type=int, default=256, help="global batch, split over the ranks")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the table")
+    parser.add_argument("--check-repeats", type=int, default=50, help="timed calls of the ranks' agreement check")
     common.add_threads(parser, default=1)  # per rank
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_rank, args=(args.world, str(Path(tmp) / "init"), args, str(Path(tmp) / "rows.json")),
                            nprocs=args.world, start_method="spawn")
         rows = json.loads((Path(tmp) / "rows.json").read_text())
+    check = rows.pop("agreement check")
+    print(f"agreement check (first step, after a load): {1e3 * check['seconds']:.2f} ms median wall time, against "
+          f"{1e3 * check['nystrom_step_seconds']:.0f} ms for a Nyström k=10 step")
     print(f"{'method':>22} {'p':>8} {'HVPs':>5} {'collectives':>11} {'MB/rank':>8}  (HVP share)")
     for name, r in rows.items():
         share = r["sketch_or_vectors_bytes"] / r["comm_bytes"]
@@ -100,7 +127,8 @@ def main(argv=None):
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"world": args.world, "backend": "gloo", "dtype": "float32",
-                                        "machine": "shared 2-core CPU box", "methods": rows}, indent=1) + "\n")
+                                        "machine": "shared 2-core CPU box", "methods": rows,
+                                        "agreement_check": check}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,17 @@ time of the process by default on a CPU, wall time on CUDA):
   backward, the float64 small solve, the mixed-partial VJP, the finiteness
   check and the Adam update.  ``step_autograd`` is the same with
   ``engine="autograd"`` (``is_grads_batched`` instead of torch.func).
-* ``floor_<strategy>``: only the unavoidable autograd work, done by hand —
-  the validation gradient, the training gradient with its graph, k
-  Hessian-vector products batched by one strategy (``vmap``, ``loop``,
-  ``vmap:c``; see :class:`hyperopt_torch.hvp.HessianVectorProduct`), and the
-  mixed-partial VJP.  The floor is the fastest of these.
+* ``floor_<engine>:<strategy>``: only the unavoidable autograd work, done
+  by hand — the validation gradient, the training gradient with its graph
+  built by one engine (``func`` or ``autograd``), k Hessian-vector products
+  batched by one strategy (``vmap``, ``loop``, ``vmap:c``; see
+  :class:`hyperopt_torch.hvp.HessianVectorProduct`), and the mixed-partial
+  VJP.  The floor is the fastest of these, whichever engine it uses.
+* ``rollback_copies``: what a step copies so that a failed base update can
+  be undone (the hparams, their optimizer state, the solver's state), as the
+  step makes them; ``rollback_copies_before``: as the code before issue 18
+  made them (a deep copy of the base's ``state_dict()`` and two of the
+  solver's).
 * ``reference``: the same hypergradient computed the way the paper's
   reference code does it: torch.func ``grad`` of the outer loss, k Hessian
   rows as ``jacrev`` of the inner gradient gathered at the k indices (vmap),
@@ -30,6 +36,7 @@ Writes ``overhead.json`` and ``overhead.png`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -42,6 +49,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from hyperopt_torch import HyperOptimizer, Nystrom
+from hyperopt_torch.optim import _BaseState
 from hyperopt_torch.ihvp import sample_columns
 from hyperopt_torch.hvp import flatten, training_hvp, unflatten
 from recipes.models import LeNet
@@ -70,11 +78,12 @@ def build(batch: int, device: str, seed: int = 0):
     return model, log_decay, train_loss, val_loss, (x, y, xv, yv, penalty)
 
 
-def floor_fn(model, hparams, train_loss, val_loss, k, strategy):
-    """The unavoidable autograd work of one Nyström hypergradient, its k HVPs batched by ``strategy``."""
+def floor_fn(model, hparams, train_loss, val_loss, k, engine, strategy):
+    """The unavoidable autograd work of one Nyström hypergradient, its graph built by ``engine`` and its k HVPs
+    batched by ``strategy``."""
     params = list(model.parameters())
     gv = torch.autograd.grad(val_loss(model), params)
-    hvp, _ = training_hvp(train_loss, model, params)
+    hvp, _ = training_hvp(train_loss, model, params, engine)
     hvp.forced = strategy
     b = flatten(gv, params)
     V = torch.zeros(k, b.numel(), device=b.device, dtype=b.dtype)
@@ -196,11 +205,16 @@ def main(argv=None) -> dict:
         "step": lambda: hopt.step(train_loss, val_loss, model),
         "step_autograd": lambda: hopt_autograd.step(train_loss, val_loss, model),
     }
-    probe, _ = training_hvp(train_loss, model, [q for q in model.parameters() if q.requires_grad])
-    strategies = probe.candidates(args.rank)
-    del probe
-    for strategy in strategies:
-        fns[f"floor_{strategy}"] = lambda s=strategy: floor_fn(model, hparams, train_loss, val_loss, args.rank, s)
+    for engine in ("func", "autograd"):
+        probe, _ = training_hvp(train_loss, model, [q for q in model.parameters() if q.requires_grad], engine)
+        strategies = probe.candidates(args.rank)
+        del probe
+        for strategy in strategies:
+            fns[f"floor_{engine}:{strategy}"] = lambda e=engine, s=strategy: floor_fn(
+                model, hparams, train_loss, val_loss, args.rank, e, s)
+    fns["rollback_copies"] = lambda: (_BaseState(hopt.base, hopt.hparams), hopt._solver_state())
+    fns["rollback_copies_before"] = lambda: (copy.deepcopy(hopt.base.state_dict()), hopt._solver_state(),
+                                             hopt._solver_state(), [h.detach().clone() for h in hopt.hparams])
     agreement = None
     if args.model == "lenet":
         # Agreement check: same index set, so the two hypergradients must match.
@@ -228,6 +242,7 @@ def main(argv=None) -> dict:
         "median_seconds": median,
         "quartiles_seconds": {n: statistics.quantiles(t, n=4) for n, t in times.items() if len(t) > 1},
         "floor": floor,
+        "step_engine": info.engine,
         "step_hvp_strategy": info.hvp_strategy,
         "step_over_floor": median["step"] / floors[floor],
         "step_over_reference": median["step"] / median["reference"] if "reference" in median else None,
@@ -237,7 +252,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("params", "median_seconds", "floor", "step_hvp_strategy", "step_over_floor",
+    print(json.dumps({k: result[k] for k in ("params", "median_seconds", "floor", "step_engine", "step_hvp_strategy",
+                                              "step_over_floor",
                                               "step_over_reference", "relative_difference_to_reference")}, indent=2))
     plot(result, out / "overhead.png")
     return result

@@ -60,10 +60,9 @@ def _check_base(base) -> None:
                          "use torch.optim.Adam")
 
 
-def _build_solver(ihvp, settings: dict, base: type, base_kwargs: dict) -> Solver:
-    """The solver from ``ihvp`` and the settings given (``None`` ones dropped), under the collision rule:
-    a solver keyword is the solver's; ``base``'s argument of the same name goes in ``base_kwargs``."""
-    given = {k: v for k, v in settings.items() if v is not None}
+def _check_settings(ihvp, given: dict, base: type, base_kwargs: dict) -> None:
+    """The collision rule: a solver keyword is the solver's; ``base``'s argument of the same name goes in
+    ``base_kwargs``.  ``given`` holds the solver keywords that are not ``None``."""
     base_takes = set(inspect.signature(base.__init__).parameters) - {"self", "params"}
     if not isinstance(ihvp, str):
         if given:
@@ -71,19 +70,18 @@ def _build_solver(ihvp, settings: dict, base: type, base_kwargs: dict) -> Solver
                            for k, v in given.items() if k in base_takes)
             raise ValueError(f"{', '.join(given)} given together with the solver object {ihvp!r}: set the solver's "
                              f"settings on the object{hint}")
-        return ihvp
+        return
     takes = SOLVER_SETTINGS.get(ihvp, ())
-    for key in given:
+    for key, value in given.items():
         if key not in takes and key in base_takes:
-            raise ValueError(f"{key}={given[key]!r} does not apply to ihvp={ihvp!r} (it takes "
+            raise ValueError(f"{key}={value!r} does not apply to ihvp={ihvp!r} (it takes "
                              f"{', '.join(takes) or 'no settings'}); for {base.__name__}'s {key}, pass "
-                             f"base_kwargs={{{key!r}: {given[key]!r}}}")
+                             f"base_kwargs={{{key!r}: {value!r}}}")
         if key in takes and key in base_takes and key not in base_kwargs:
             raise ValueError(
-                f"{key}={given[key]!r} is a setting of ihvp={ihvp!r} and also an argument of {base.__name__}: "
+                f"{key}={value!r} is a setting of ihvp={ihvp!r} and also an argument of {base.__name__}: "
                 f"the keyword sets the solver's; pass {base.__name__}'s as base_kwargs={{{key!r}: ...}} "
                 "(giving both says which is which)")
-    return make_solver(ihvp, **given)
 
 
 class _BaseState:
@@ -221,7 +219,9 @@ class HyperOptimizer(Optimizer):
         check_hparams(_flat_hparams(groups))
         _check_base(base)
         if isinstance(ihvp, str):
-            make_solver(ihvp)  # an unknown name is named before the settings are checked
+            if ihvp not in SOLVER_SETTINGS:  # named before the settings are checked
+                raise ValueError(f"Invalid ihvp: {ihvp!r} (expected one of {', '.join(map(repr, SOLVER_SETTINGS))} or "
+                                 "a solver object)")
         elif isinstance(ihvp, type):
             raise TypeError(f"ihvp={ihvp.__name__} is a class: pass a solver object, e.g. ihvp={ihvp.__name__}(...), "
                             "or its name")
@@ -231,8 +231,14 @@ class HyperOptimizer(Optimizer):
         both = sorted(set(base_kwargs) & set(kwargs))
         if both:
             raise ValueError(f"{', '.join(both)} given both as a keyword and in base_kwargs: give it once")
-        settings = dict(rank=rank, rho=rho, chunk=chunk, sketch=sketch, seed=seed, iters=iters, alpha=alpha, tol=tol)
-        self.solver = _build_solver(ihvp, settings, base, base_kwargs)
+        given = {k: v for k, v in (("rank", rank), ("rho", rho), ("chunk", chunk), ("sketch", sketch), ("seed", seed),
+                                   ("iters", iters), ("alpha", alpha), ("tol", tol)) if v is not None}
+        _check_settings(ihvp, given, base, base_kwargs)
+        if isinstance(ihvp, str):
+            self.solver = make_solver(ihvp, rank=rank, rho=rho, chunk=chunk, sketch=sketch, seed=seed, iters=iters,
+                                      alpha=alpha, tol=tol)
+        else:
+            self.solver = ihvp
         if on_nonfinite not in _NONFINITE:
             raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (expected 'warn' or 'raise')")
         self.on_nonfinite = on_nonfinite

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 DT = torch.float64
+# The tests' models are tiny: one thread each avoids oversubscribing the cores the suite (and its 2-rank tests) share.
+torch.set_num_threads(1)
 
 
 @dataclass

@@ -115,8 +115,10 @@ def test_nystrom_overhead_agrees_with_the_reference_and_writes_json_and_png(tmp_
                                     "--rank", "3", "--repeats", "1", "--warmup", "0"])
     assert result["relative_difference_to_reference"] < 1e-4  # same index set, same Eq. 6, float32
     saved = json.loads((tmp_path / "overhead.json").read_text())
-    assert set(saved["median_seconds"]) == {"step", "step_autograd", "floor_vmap", "floor_loop", "reference"}
-    assert saved["floor"] in ("floor_vmap", "floor_loop") and saved["clock"] == "process_time"
+    floors = {"floor_func:vmap", "floor_func:loop", "floor_autograd:vmap", "floor_autograd:loop"}
+    assert set(saved["median_seconds"]) == {"step", "step_autograd", "reference", "rollback_copies",
+                                            "rollback_copies_before", *floors}
+    assert saved["floor"] in floors and saved["clock"] == "process_time"
     assert saved["step_over_floor"] > 0 and saved["step_over_reference"] > 0
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "overhead.png").stat().st_size > 0
@@ -125,9 +127,11 @@ def test_nystrom_overhead_agrees_with_the_reference_and_writes_json_and_png(tmp_
 def test_nystrom_overhead_on_the_reweighting_mlp_times_every_strategy_floor(tmp_path):
     result = nystrom_overhead.main(["--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--model", "mlp",
                                     "--width", "8", "--batch", "4", "--rank", "4", "--repeats", "1", "--warmup", "0"])
-    assert set(result["median_seconds"]) == {"step", "step_autograd", "floor_vmap", "floor_loop", "floor_vmap:2"}
+    assert set(result["median_seconds"]) == {"step", "step_autograd", "floor_func:vmap", "floor_func:loop",
+                                             "floor_func:vmap:2", "floor_autograd:vmap", "floor_autograd:loop",
+                                             "rollback_copies", "rollback_copies_before"}
     assert result["params"] == 784 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10 and result["relative_difference_to_reference"] is None
-    assert result["step_hvp_strategy"] in ("vmap", "loop", "vmap:2")
+    assert result["step_hvp_strategy"] in ("vmap", "loop", "vmap:2") and result["step_engine"] in ("func", "autograd")
 
 
 class _Fake:
@@ -179,10 +183,28 @@ def test_scaling_writes_both_curves(tmp_path):
     assert "| 2 | nystrom |" in scaling.markdown_tables(data)
 
 
-@pytest.mark.parametrize("name", ["accuracy", "distributed", "nystrom_overhead", "peers", "precision", "scaling",
-                                  "speed_memory"])
+@pytest.mark.parametrize("name", ["accuracy", "distributed", "fast_paths", "forms", "nystrom_overhead", "peers",
+                                  "precision", "scaling", "speed_memory"])
 def test_every_benchmark_takes_threads(name, capsys):
     module = importlib.import_module(f"benchmarks.{name}")
     with pytest.raises(SystemExit) as info:
         module.main(["--help"])
     assert info.value.code == 0 and "--threads" in capsys.readouterr().out
+
+
+def test_forms_benchmark_times_the_three_forms_of_theta_and_they_agree(tmp_path):
+    from benchmarks import forms
+
+    result = forms.main(["--out", str(tmp_path), "--threads", "1", "--batch", "4", "--repeats", "1", "--warmup", "0"])
+    assert set(result["ratio_to_module_form"]) == {f"{s} {f}" for s in forms.SOLVERS for f in ("dict", "list")}
+    assert all(d < 1e-6 for d in result["relative_difference_to_module_form"].values())
+    assert (tmp_path / "forms.json").exists()
+
+
+def test_fast_paths_benchmark_runs_both_ways_with_equal_hypergradients(tmp_path, monkeypatch):
+    from benchmarks import fast_paths
+
+    monkeypatch.setattr(fast_paths, "PROBLEMS", ("logistic cg l=10",))
+    result = fast_paths.main(["--out", str(tmp_path), "--threads", "1", "--repeats", "1", "--warmup", "0"])
+    row = result["problems"]["logistic cg l=10"]
+    assert row["relative_difference"] == 0.0 and row["public_over_fast"] > 0

@@ -39,8 +39,6 @@ SOLVER_SETTINGS: dict[str, tuple[str, ...]] = {
     "minres": ("iters", "rho", "tol"),
     "normal_cg": ("iters", "rho", "tol"),
 }
-_CLASSES = {"nystrom": Nystrom, "cg": ConjugateGradient, "neumann": Neumann, "identity": Identity, "exact": Exact,
-            "minres": Minres, "normal_cg": NormalCG}
 SOLVER_NAMES = tuple(SOLVER_SETTINGS)
 # Settings that do not change what a solver computes (κ trades memory for HVPs
 # with the same result up to rounding, Section 2.4; a seed is superseded by the
@@ -48,14 +46,16 @@ SOLVER_NAMES = tuple(SOLVER_SETTINGS)
 RESULT_NEUTRAL = ("chunk", "seed")
 
 
-def make_solver(name: str, **settings) -> Solver:
+def make_solver(name: str, *, rank: int | None = None, rho: float | None = None, chunk: int | str | None = None,
+                sketch: str | None = None, seed: int | None = None, iters: int | None = None,
+                alpha: float | None = None, tol: float | None = None) -> Solver:
     """Build a solver from its name and the settings that apply to it (:data:`SOLVER_SETTINGS`).
 
     ``name`` is one of ``"nystrom"`` (settings ``rank``, ``rho``, ``chunk``,
     ``sketch``, ``seed``), ``"cg"``, ``"minres"`` and ``"normal_cg"`` (each
     ``iters``, ``rho`` as damping, ``tol``), ``"neumann"`` (``iters``,
-    ``alpha``), ``"identity"`` (none) or ``"exact"`` (``rho`` as damping).  Settings given as ``None`` are ignored (the
-    solver's default applies).
+    ``alpha``), ``"identity"`` (none) or ``"exact"`` (``rho`` as damping).
+    A setting given as ``None`` is the solver's default.
 
     Raises:
         ValueError: an unknown name, a setting that does not apply to this
@@ -63,13 +63,25 @@ def make_solver(name: str, **settings) -> Solver:
     """
     if not isinstance(name, str) or name not in SOLVER_SETTINGS:
         raise ValueError(f"Invalid ihvp: {name!r} (expected one of {', '.join(map(repr, SOLVER_NAMES))} or a solver object)")
-    allowed = SOLVER_SETTINGS[name]
-    given = {k: v for k, v in settings.items() if v is not None}
-    extra = sorted(set(given) - set(allowed))
+    given = {"rank": rank, "rho": rho, "chunk": chunk, "sketch": sketch, "seed": seed, "iters": iters, "alpha": alpha,
+             "tol": tol}
+    extra = sorted(k for k, v in given.items() if v is not None and k not in SOLVER_SETTINGS[name])
     if extra:
-        applies = ", ".join(allowed) if allowed else "no settings"
+        applies = ", ".join(SOLVER_SETTINGS[name]) or "no settings"
         raise ValueError(f"{', '.join(extra)} does not apply to ihvp={name!r} (it takes {applies})")
-    return _CLASSES[name](**given)
+    if name == "nystrom":
+        return Nystrom(rank=rank, rho=rho, chunk=chunk, sketch=sketch, seed=seed)
+    if name == "cg":
+        return ConjugateGradient(iters=iters, rho=rho, tol=tol)
+    if name == "minres":
+        return Minres(iters=iters, rho=rho, tol=tol)
+    if name == "normal_cg":
+        return NormalCG(iters=iters, rho=rho, tol=tol)
+    if name == "neumann":
+        return Neumann(iters=iters, alpha=alpha)
+    if name == "exact":
+        return Exact(rho=rho)
+    return Identity()
 
 
 def solver_config(solver) -> dict:

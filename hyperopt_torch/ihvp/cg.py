@@ -116,8 +116,8 @@ def _cg_host(A: Operator, b: Tensor, iters: int, tol: float | None, out_dtype: t
     """:func:`cg_solve` for vectors in host memory: the same iteration, with its scalars as Python floats.
 
     Reading a scalar costs nothing on the CPU, while each 0-dim tensor operation of
-    the device loop costs a few microseconds; on small problems those add up to a
-    third of the solve (benchmarks/peers.py).  The scalars are float64 here (the
+    the device loop costs a few microseconds; on small problems those add up to
+    a large part of the solve (docs/benchmarks.md, "Small problems").  The scalars are float64 here (the
     device loop keeps them in ``b``'s dtype), so the two agree to ``b``'s
     rounding.  The loop stops outright at negative curvature (the device loop
     masks the remaining iterations instead), which saves their products.
@@ -166,9 +166,10 @@ class ConjugateGradient:
 
     name = "cg"
 
-    def __init__(self, iters: int = 10, rho: float = 0.0, tol: float | None = None):
-        self.iters = positive_int("iters", iters)
-        self.rho = nonnegative_float("rho", rho)
+    def __init__(self, iters: int | None = None, rho: float | None = None, tol: float | None = None):
+        # None is each setting's default (iters 10, rho 0, no tol): make_solver passes its keywords on as they are
+        self.iters = positive_int("iters", 10 if iters is None else iters)
+        self.rho = nonnegative_float("rho", 0.0 if rho is None else rho)
         self.tol = None if tol is None else positive_float("tol", tol)
 
     @property

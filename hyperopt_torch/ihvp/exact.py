@@ -101,8 +101,8 @@ class Exact:
 
     name = "exact"
 
-    def __init__(self, rho: float = 0.0, max_memory: int = MAX_MEMORY, batch: int = 256):
-        self.rho = nonnegative_float("rho", rho)
+    def __init__(self, rho: float | None = None, max_memory: int = MAX_MEMORY, batch: int = 256):
+        self.rho = nonnegative_float("rho", 0.0 if rho is None else rho)  # None: the default, 0
         self.max_memory = positive_int("max_memory", max_memory)
         self.batch = positive_int("batch", batch)
 

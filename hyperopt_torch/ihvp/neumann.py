@@ -73,9 +73,10 @@ class Neumann:
     name = "neumann"
     damping = 0.0
 
-    def __init__(self, iters: int = 10, alpha: float = 0.01):
-        self.iters = positive_int("iters", iters)
-        self.alpha = positive_float("alpha", alpha)
+    def __init__(self, iters: int | None = None, alpha: float | None = None):
+        # None is each setting's default (iters 10, alpha 0.01): make_solver passes its keywords on as they are
+        self.iters = positive_int("iters", 10 if iters is None else iters)
+        self.alpha = positive_float("alpha", 0.01 if alpha is None else alpha)
 
     def solve(self, matvec: Matvec, b: Tensor, generator=None) -> Tensor:
         return self.solve_with_flags(matvec, b, generator).x

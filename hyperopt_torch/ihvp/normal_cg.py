@@ -102,9 +102,10 @@ class NormalCG:
 
     name = "normal_cg"
 
-    def __init__(self, iters: int = 10, rho: float = 0.0, tol: float | None = None):
-        self.iters = positive_int("iters", iters)
-        self.rho = nonnegative_float("rho", rho)
+    def __init__(self, iters: int | None = None, rho: float | None = None, tol: float | None = None):
+        # None is each setting's default (iters 10, rho 0, no tol): make_solver passes its keywords on as they are
+        self.iters = positive_int("iters", 10 if iters is None else iters)
+        self.rho = nonnegative_float("rho", 0.0 if rho is None else rho)
         self.tol = None if tol is None else positive_float("tol", tol)
 
     @property

@@ -53,8 +53,8 @@ def sample_columns(p: int, k: int, generator: torch.Generator | None = None) -> 
     """``k`` distinct indices drawn uniformly from ``range(p)`` (a CPU int64 tensor).
 
     Floyd's algorithm (Bentley & Floyd 1987) costs ``O(k)`` instead of the
-    ``O(p)`` of ``randperm(p)[:k]`` — about 10–30 ms per step at p = 1.5M on a
-    CPU, a tenth of a WRN-28-2 Nyström step on an H100.  The draws come from
+    ``O(p)`` of ``randperm(p)[:k]``, which is a noticeable part of a GPU step
+    at millions of parameters (docs/benchmarks.md).  The draws come from
     ``generator`` alone (one call), so the set is reproducible from its state.
     """
     if 4 * k >= p:
@@ -126,14 +126,13 @@ def _gram(A: Tensor, B: Tensor, extra: Tensor | None = None) -> Tensor | tuple[T
     """``A Bᵀ`` in float64 for ``A`` ``(m, p)`` and ``B`` ``(n, p)`` of any float dtype; returns ``(m, n)``.
 
     Accumulated over slabs of ``p`` so that no float64 copy of a whole block is
-    made (three such copies were 38 % of an MLP step at p = 1.86M); the sums
-    differ from one float64 product only in their order, ~1e-16 relative.  The
-    slabs are converted into one reused float64 buffer per operand, of 2¹⁴
-    columns: a fresh conversion per slab allocated (and page-faulted) a
-    megabytes-sized tensor each time, which cost more than the products
-    (129 against 46 ms for a 10 × 1.86M Gram on one CPU thread).  With
-    ``extra`` ``(p,)`` also returns ``A extra`` (shape ``(m,)``) from the
-    same pass, each slab of ``A`` converted once.
+    made; the sums differ from one float64 product only in their order,
+    ~1e-16 relative.  The slabs are converted into one reused float64 buffer
+    per operand, of 2¹⁴ columns: a fresh conversion per slab allocates (and
+    page-faults) a large tensor each time, which cost more than the products
+    (docs/benchmarks.md, "Speed II").  With ``extra`` ``(p,)`` also returns
+    ``A extra`` (shape ``(m,)``) from the same pass, each slab of ``A``
+    converted once.
     """
     m, p = A.shape
     same = A is B
@@ -424,8 +423,12 @@ class Nystrom:
 
     name = "nystrom"
 
-    def __init__(self, rank: int = 10, rho: float = 0.01, chunk: int | str | None = None, sketch: str = "columns",
-                 seed: int = 0):
+    def __init__(self, rank: int | None = None, rho: float | None = None, chunk: int | str | None = None,
+                 sketch: str | None = None, seed: int | None = None):
+        # None is the default of each setting (rank 10, rho 0.01, chunk = rank, sketch "columns", seed 0), so that
+        # make_solver and HyperOptimizer pass their keywords on as they are.
+        rank, rho = 10 if rank is None else rank, 0.01 if rho is None else rho
+        sketch, seed = "columns" if sketch is None else sketch, 0 if seed is None else seed
         self.rank = positive_int("rank", rank)
         self.rho = positive_float("rho", rho)
         if chunk is not None and chunk != "auto":
