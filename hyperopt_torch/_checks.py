@@ -9,9 +9,23 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Sequence
 
 from torch import Tensor
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor`` ``DTensor`` (an FSDP2 parameter shard, for one).
+
+    Looked up in ``sys.modules``: a DTensor exists only once its module was imported, and importing
+    it here would add a second to ``import hyperopt_torch``.
+    """
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.5; 2.1 - 2.4
+        cls = getattr(sys.modules.get(name), "DTensor", None)
+        if cls is not None and isinstance(t, cls):
+            return True
+    return False
 
 
 def positive_int(name: str, value) -> int:
@@ -57,6 +71,15 @@ def check_hparams(hparams: Sequence[Tensor], name: str = "hparams") -> list[Tens
             raise ValueError(f"{name}[{i}] does not require grad: create it with requires_grad=True")
         if not h.is_leaf:
             raise ValueError(f"{name}[{i}] is not a leaf tensor: pass the tensor you created, not an expression of it")
+        if is_dtensor(h):
+            # The loss functions get an FSDP model's parameters as full tensors (hyperopt_torch._fsdp); a
+            # sharded hparam would meet them in the loss, where DTensor refuses plain tensors.
+            raise TypeError(
+                f"{name}[{i}] is a DTensor: hyperparameters are plain tensors, equal on every rank. For an FSDP "
+                "model create per-parameter ones full-size, e.g. torch.full(p.shape, value, dtype=p.dtype, "
+                "requires_grad=True) for p in model.parameters() (a DTensor's shape is the full one): the loss "
+                "functions receive the model's parameters as full tensors (docs/distributed.md, 'FSDP')"
+            )
     return hparams
 
 
@@ -77,4 +100,4 @@ def require_graph(loss: Tensor, name: str) -> Tensor:
     raise ValueError(f"{name} returned a tensor with no autograd graph to the model parameters; {cause}")
 
 
-__all__ = ["positive_int", "positive_float", "nonnegative_float", "check_scalar", "check_hparams", "require_graph"]
+__all__ = ["is_dtensor", "positive_int", "positive_float", "nonnegative_float", "check_scalar", "check_hparams", "require_graph"]

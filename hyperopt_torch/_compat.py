@@ -258,7 +258,71 @@ def once_differentiable_backward(cls: type) -> bool:
     return getattr(inner, "__code__", None) is _ONCE_DIFFERENTIABLE
 
 
+_FSDP_MARKERS = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")  # attributes fully_shard sets for Dynamo
+
+
+def _fsdp_hook(hook) -> bool:
+    """A forward (pre-)hook ``fully_shard`` registered: a bound method of its state object (a class of
+    ``torch.distributed.fsdp``), possibly wrapped (``functools.wraps``) for modules sharded as one group.
+
+    Every layer of wrapping is looked at: ``inspect.unwrap`` of the bound method alone follows its
+    function's own ``__wrapped__`` (FSDP decorates ``_pre_forward``) to a plain function without ``__self__``.
+    """
+    seen = set()
+    while hook is not None and id(hook) not in seen:
+        seen.add(id(hook))
+        owner = getattr(hook, "__self__", None)
+        if owner is not None and type(owner).__module__.startswith("torch.distributed.fsdp"):
+            return True
+        hook = getattr(hook, "__wrapped__", None)
+    return False
+
+
+def unsharded_copy(model: nn.Module, parameters: dict[int, Tensor]) -> nn.Module | None:
+    """A copy of the FSDP2 ``model`` without FSDP: ``parameters[id(p)]`` in place of each parameter ``p`` found
+    there, the others and every buffer shared; ``None`` outside :data:`CHECKED` (the caller refuses).
+
+    Every module becomes an instance of its original class (``FSDP<Class>`` is a subclass made by
+    ``fully_shard``; the original sits at ``_orig_cls_mro_index`` in its MRO) whose ``__dict__`` is a shallow
+    copy of the module's, with its own parameter, buffer and submodule registries and its forward hook
+    dictionaries without FSDP's hooks.  No public API builds such a copy: ``copy.deepcopy`` of an FSDP
+    module is refused by FSDP, and would copy its state.  A submodule shared by two parents stays shared.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if not IN_RANGE or fsdp is None or not hasattr(fsdp, "FSDPModule"):
+        return None
+    copies: dict[int, nn.Module] = {}
+
+    def copy(module: nn.Module) -> nn.Module:
+        if id(module) in copies:
+            return copies[id(module)]
+        cls = type(module)
+        if isinstance(module, fsdp.FSDPModule):
+            cls = cls.__mro__[getattr(cls, "_orig_cls_mro_index", 2)]
+            if issubclass(cls, fsdp.FSDPModule) or not issubclass(cls, nn.Module):
+                raise TypeError(f"unexpected class layout of an FSDP module: {type(module).__mro__}")
+        new = cls.__new__(cls)
+        copies[id(module)] = new
+        state = {k: v for k, v in module.__dict__.items() if k not in _FSDP_MARKERS}
+        state["_parameters"] = {k: (None if p is None else parameters.get(id(p), p))
+                                for k, p in module._parameters.items()}
+        state["_buffers"] = dict(module._buffers)
+        state["_modules"] = {k: (None if c is None else copy(c)) for k, c in module._modules.items()}
+        dropped = set()
+        for key in ("_forward_pre_hooks", "_forward_hooks"):
+            dropped |= {i for i, h in module.__dict__[key].items() if _fsdp_hook(h)}
+        for key in ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+                    "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            if key in module.__dict__:
+                state[key] = type(module.__dict__[key])((i, h) for i, h in module.__dict__[key].items()
+                                                         if i not in dropped)
+        new.__dict__.update(state)
+        return new
+
+    return copy(model)
+
+
 __all__ = ["FAST", "IN_RANGE", "CHECKED", "autograd_grad", "max_abs", "copy_data_", "children", "local_tensors",
            "non_persistent_buffers", "put_back", "sdp_flags", "set_sdp_flags", "compiled_inner", "has_tensor_hooks",
            "forward_pre_hooks", "weight_norm_classes", "weight_norm_kernel", "custom_function_class",
-           "once_differentiable_backward"]
+           "once_differentiable_backward", "unsharded_copy"]

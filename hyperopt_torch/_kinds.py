@@ -21,6 +21,7 @@ gap, a maintainer edits its row here.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -77,11 +78,39 @@ def _embedding(flag: str):
     return detect
 
 
+def fsdp2_module(module: nn.Module, _p=None) -> bool:
+    """Rule ``fsdp2``: a module ``fully_shard`` was applied to (public ``torch.distributed.fsdp.FSDPModule``).
+
+    Looked up in ``sys.modules``: such a module exists only once ``torch.distributed.fsdp`` was imported,
+    which ``import hyperopt_torch`` does not do (it costs a second).
+    """
+    cls = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    return cls is not None and isinstance(module, cls)
+
+
+def _fsdp1_module(module: nn.Module, _p=None) -> bool:
+    cls = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    return cls is not None and isinstance(module, cls)
+
+
 RULES: tuple[Rule, ...] = (
     Rule("compiled", "a `torch.compile` wrapper (`OptimizedModule`) around the model, or inside DDP",
          "unwrap", "unwrap",
          "compiled graphs have no double backward (AOTAutograd refuses `create_graph`); the losses receive the "
          "eager module", ">= 2.0", ("test_a_compiled_model_gets_the_eager_hypergradient",)),
+    Rule("fsdp2", "a module sharded by `fully_shard` (FSDP2: an `FSDPModule`, or DTensor parameters)", "unwrap",
+         "refuse",
+         "FSDP's hooks swap its own unsharded parameters in and free them after each pass: the shards are not in "
+         "the graph, a second backward finds the unsharded ones freed, and functional_call on the module is "
+         "silently wrong. The implicit path gathers θ once into an unsharded, hook-free replica, which the losses "
+         "receive (docs/distributed.md, FSDP); a 2-D mesh (HSDP) or an unsharded model is refused",
+         "2.6 - 2.13 (checked 2.13)", ("test_fsdp_hypergradient_equals_single_process_full_batch",
+                                       "test_fsdp1_and_what_cannot_be_differentiated_are_refused_by_name"),
+         fsdp2_module),
+    Rule("fsdp1", "a `FullyShardedDataParallel` (FSDP1) module", "refuse", "refuse",
+         "its flat parameters: a shape error at the first Hessian-vector product (`use_orig_params=False`), the "
+         "process aborted (`use_orig_params=True`); shard with `fully_shard` (FSDP2) instead", "2.13 (checked)",
+         ("test_fsdp1_and_what_cannot_be_differentiated_are_refused_by_name",), _fsdp1_module),
     Rule("fused_attention", "always (attention may be called as a function, out of sight of the module tree)",
          "math kernel", "math kernel",
          "flash, memory-efficient and cuDNN attention have no double backward; the math kernel is held from the "
@@ -181,6 +210,15 @@ def _message(rule: str, where: str, module: nn.Module | None, p: Tensor | None) 
         return (f"{where} is a complex parameter ({p.dtype}): the Hessian-vector products and solvers work over real "
                 "parameters; hold it as a real one (torch.view_as_real) and form the complex value in forward "
                 "(torch.view_as_complex)")
+    if rule == "fsdp1":
+        return (f"{where} is a FullyShardedDataParallel (FSDP1) module, which hypergradients do not support: "
+                "shard the model with FSDP2, torch.distributed.fsdp.fully_shard, which PyTorch recommends in "
+                "FSDP1's place (docs/distributed.md, 'FSDP')")
+    if rule == "fsdp2":
+        return (f"{where} is sharded by fully_shard (FSDP2), which the unrolled hypergradient cannot differentiate: "
+                "torch.func.functional_call on it is silently wrong (FSDP's pre-forward puts its own unsharded "
+                "parameters back over the swapped ones). Use implicit_hypergradient / HyperOptimizer, which gather "
+                "the parameters into an unsharded replica")
     what = f" ({kind})" if module is not None else ""
     return (f"{where}{what} has uninitialized lazy parameters: run the model once on a batch before the first "
             "step, so that their shapes are known")

@@ -1,4 +1,4 @@
-"""Data-parallel hypergradients over ``torch.distributed`` (DDP or hand-replicated models).
+"""Data-parallel hypergradients over ``torch.distributed`` (DDP, FSDP2 or hand-replicated models).
 
 Each rank ``r`` of ``n`` holds a replica of θ and its own shard of the training
 and validation batches, so the objectives are means over ranks,
@@ -23,7 +23,8 @@ a non-finite value on any rank skips the step on all of them.
 
 :func:`data_parallel` detects the setting; :func:`implicit_hypergradient`
 calls it, so a user passes the DDP-wrapped model (or the replica) unchanged.
-See docs/distributed.md for the measured communication and the FSDP plan.
+An FSDP2 model is differentiated through an unsharded replica (:mod:`hyperopt_torch._fsdp`).
+See docs/distributed.md for the measured communication and memory.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _fsdp
 from .ihvp import Operator
 
 
@@ -158,6 +160,16 @@ class Collectives:
         self._all_reduce_mean(checks)
         return checks
 
+    def gather(self, t: Tensor) -> Tensor:
+        """The full tensor of a sharded DTensor ``t`` (``t.full_tensor()``: one all-gather of its shard).
+
+        Counted as one collective of the local shard's bytes; a single process
+        gathers over a mesh of one rank and counts nothing.
+        """
+        if self.group is not None:
+            self._count(t.to_local())
+        return t.full_tensor()
+
     def generator(self, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
         """The solver's generator, set to rank 0's state on every rank (one broadcast).
 
@@ -193,12 +205,22 @@ def data_parallel(model) -> tuple[Any, Collectives]:
     * a plain module, or a dict or list of tensors, while the default process
       group is initialised with more than one rank: θ is taken to be
       replicated by hand, and everything is averaged over the default group.
+    * an FSDP2 model (``fully_shard``; :mod:`hyperopt_torch._fsdp`): an
+      unsharded, hook-free replica of it, each sharded parameter all-gathered
+      once, and the fully_shard mesh's process group.  The loss functions
+      receive the replica, whose parameters are full tensors; the FSDP model is
+      not modified.  FSDP1 is refused by the rule table
+      (:mod:`hyperopt_torch._kinds`).
     * otherwise: ``model`` itself and a :class:`Collectives` that does nothing.
 
     Every rank must call the hypergradient the same number of times, with
     replicas of θ and of the hyperparameters, and equal-sized shards (the
     global objective is the mean of the ranks' losses).
     """
+    if _fsdp.is_sharded(model):
+        group = _fsdp.process_group(model)
+        comm = Collectives(group if dist.get_world_size(group) > 1 else None)
+        return _fsdp.unsharded_replica(model, comm.gather), comm
     if isinstance(model, nn.parallel.DistributedDataParallel):
         group = model.process_group
         return model.module, Collectives(group if dist.get_world_size(group) > 1 else None)

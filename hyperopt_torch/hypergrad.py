@@ -137,7 +137,8 @@ def implicit_hypergradient(
         val_loss_fn: ``params ↦ g``, likewise (on the user's kernels).
         params: θ: an ``nn.Module`` (its parameters with ``requires_grad``;
             under ``torch.distributed`` a ``DistributedDataParallel`` model, a
-            ``torch.compile`` wrapper: the losses receive the eager module), a
+            ``torch.compile`` wrapper: the losses receive the eager module; an
+            FSDP2 ``fully_shard`` model: they receive an unsharded replica), a
             dict of tensors (the form ``torch.func.functional_call`` takes) or
             a list/tuple of tensors; θ are the entries with ``requires_grad``.
             The losses are called with this object (or, inside torch.func's

@@ -555,3 +555,50 @@ def data_parallel(model: nn.Module) -> nn.Module:
         return model
     device = next(model.parameters()).device
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def fully_sharded(model: nn.Module) -> nn.Module:
+    """``model`` sharded in place by FSDP2's ``fully_shard`` under torchrun (each direct child that holds
+    parameters, then the root, on a 1-D mesh over all ranks), else ``model``.
+
+    HyperOptimizer takes the sharded model as it is: it differentiates an unsharded replica and averages
+    over the ranks itself (docs/distributed.md, "FSDP").  Checkpoint it through :func:`state_dicts`.
+    """
+    if ranks()[1] == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(next(model.parameters()).device.type, (ranks()[1],))
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _sharded(model: nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # a sharded model exists only once it was imported
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``(model.state_dict(), optimizer.state_dict())``; for a :func:`fully_sharded` model the full ones, gathered
+    to rank 0 (every rank must call; the others get empty dicts, and :class:`Checkpoint` writes rank 0's)."""
+    if not _sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                     optimizer_state: dict) -> None:
+    """Load what :func:`state_dicts` returned (every rank holds the full dicts: it read rank 0's checkpoint)."""
+    if not _sharded(model):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))

@@ -106,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     task.add_argument("--no-augment", dest="augment", action="store_false",
                       help="CIFAR-10 only: no random crop (padding 4) and horizontal flip")
     task.add_argument("--amp", action="store_true", help="classifier forward passes in bfloat16 autocast")
+    task.add_argument("--fsdp", action="store_true",
+                      help="under torchrun: shard the classifier with FSDP2 (fully_shard) instead of wrapping it in DDP")
     task.add_argument("--eval-every", type=common.positive_int, default=100,
                       help="outer steps between test evaluations (and weight-curve snapshots)")
     task.add_argument("--test-subset", type=common.positive_int, default=None,
@@ -232,7 +234,7 @@ def main(argv=None) -> dict:
         model = WideResNet(args.depth, args.width, num_classes, channels=data["train"][0].shape[1]).to(device)
         # Under torchrun: DDP, each rank training on its share of every batch (BatchNorm's batch
         # statistics are then per share, as in any DDP run without SyncBatchNorm).
-        model = common.data_parallel(model)
+        model = common.fully_sharded(model) if args.fsdp else common.data_parallel(model)
     except ValueError as error:
         raise common.RecipeError(str(error)) from None
     out = common.prepare_out(args)
@@ -249,15 +251,15 @@ def main(argv=None) -> dict:
     weight_curves = []  # μ_φ on LOSS_GRID at every evaluation
     state = checkpoint.load()
     if state is not None:
-        network.load_state_dict(state["model"])
-        inner_opt.load_state_dict(state["inner_opt"])
+        common.load_state_dicts(network, inner_opt, state["model"], state["inner_opt"])
         weight_net.load_state_dict(state["weight_net"])
         hopt.load_state_dict(state["hopt"])
         batches.set_state(state["batches"])
         curves, weight_curves = state["curves"], state["weight_curves"]
 
     def save() -> None:
-        checkpoint.save({"model": network.state_dict(), "inner_opt": inner_opt.state_dict(),
+        model_state, inner_state = common.state_dicts(network, inner_opt)  # full ones under --fsdp
+        checkpoint.save({"model": model_state, "inner_opt": inner_state,
                          "weight_net": weight_net.state_dict(), "hopt": hopt.state_dict(),
                          "batches": batches.get_state(), "curves": curves, "weight_curves": weight_curves})
 

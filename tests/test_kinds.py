@@ -5,12 +5,15 @@ the unrolled path.  The numerical checks of each fix are the tests each rule nam
 whose existence is checked here too; docs/api.md's "Model kinds" table is the table itself.
 """
 
+import contextlib
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
 from torch import nn
@@ -58,6 +61,46 @@ def case_compiled(rule):
     implicit_hypergradient(hparams, lambda m: seen.append(m) or train(m), val, compiled, Exact())
     unrolled_hypergradient(hparams, lambda m: seen.append(type(m)) or train(m), val, compiled, InnerSGD(0.1), steps=1)
     assert seen == [eager, nn.Sequential]
+
+
+@contextlib.contextmanager
+def one_rank():
+    """A process group of this process alone (gloo) and a 1-D mesh over it, destroyed on exit: an FSDP model
+    needs one.  The 2-rank FSDP tests are tests/test_fsdp.py."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
+        try:
+            yield init_device_mesh("cpu", (1,))
+        finally:
+            dist.destroy_process_group()
+
+
+def case_fsdp2(rule):
+    from torch.distributed.fsdp import fully_shard
+
+    with one_rank() as mesh:
+        model, reference = mlp(), mlp()
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        hparams, train, val = losses(model)
+        seen = []
+        grads, _ = implicit_hypergradient(hparams, lambda m: seen.append(m) or train(m), val, model, Exact())
+        expected, _ = implicit_hypergradient(hparams, train, val, reference, Exact())
+        assert torch.allclose(grads[0], expected[0], rtol=1e-12, atol=0)
+        assert seen and all(type(m) is nn.Sequential and m is not model for m in seen)  # the unsharded replica
+        with pytest.raises(ValueError, match="sharded by fully_shard"):
+            unrolled_hypergradient(hparams, train, val, model, InnerSGD(0.1), steps=1)
+
+
+def case_fsdp1(rule):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with one_rank(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # FSDP1 on one rank switches to NO_SHARD and says so
+        both_refuse(FullyShardedDataParallel(mlp(), device_id=torch.device("cpu")), "FSDP1")
 
 
 def case_fused_attention(rule):
