@@ -7,7 +7,8 @@ parameters θ passed three ways: the ``nn.Module`` (module form), a
 form hypertorch and torch.func users hold), and a list of tensors.  Each form
 is timed with Nyström (k = 10) and Neumann (l = 10), interleaved, CPU time of the
 process, median of ``--repeats``; the engine is fixed (``--engine``) so that
-the forms differ in nothing else.  The hypergradients of the three forms are
+the forms differ in nothing else (one ``Batching`` serves the three, so the
+products are batched alike).  The hypergradients of the three forms are
 checked to agree.  Writes ``forms.json``.
 
     python -m benchmarks.forms --threads 1 --repeats 9 --out docs/results
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from hyperopt_torch import HyperOptimizer, Neumann, Nystrom
+from hyperopt_torch import Batching, HyperOptimizer, Neumann, Nystrom
 from recipes.models import LeNet
 
 from . import common
@@ -75,8 +76,10 @@ def main(argv=None) -> dict:
     forms = problems(args.batch, args.seed)
     fns, grads = {}, {}
     for solver, make in SOLVERS.items():
+        batching = Batching()  # one for the three forms: the same batching of the products for each
         for form, (params, decay, train, val) in forms.items():
             hopt = HyperOptimizer(decay, base=torch.optim.SGD, ihvp=make(), lr=0.0, engine=args.engine)
+            hopt.batching = batching
             grads[solver, form] = torch.cat([g.flatten() for g in hopt.hypergradient(train, val, params).grads])
             fns[f"{solver} {form}"] = lambda h=hopt, t=train, v=val, p=params: h.step(t, v, p)
     agreement = {solver: max(((grads[solver, f] - grads[solver, "module"]).norm()
