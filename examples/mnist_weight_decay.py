@@ -9,6 +9,9 @@ exp(φ_i), started at 1, which leaves it underfitting; the hyperparameter steps 
 that helps the validation loss on 1,000 other training images, and the held-out test accuracy follows.
 
     python examples/mnist_weight_decay.py --data-root data --download
+
+(torchvision must be the build that matches torch: a CUDA torchvision next to a CPU-only torch fails at
+``import torchvision`` with "operator torchvision::nms does not exist"; install both from the same index.)
 """
 
 from __future__ import annotations

@@ -19,6 +19,14 @@ from torch.func import functional_call
 from . import _compat
 
 LossFn = Callable[[object], Tensor]
+"""``params ↦`` scalar loss: called with the model (or the dict or list of tensors) passed as ``params``."""
+
+
+def rebuild(container: list | tuple, items) -> list | tuple:
+    """A list or tuple of ``container``'s type holding ``items``: ``type(c)(items)``, or ``type(c)(*items)`` for a
+    namedtuple (whose constructor takes the fields one by one)."""
+    kind = type(container)
+    return kind(*items) if hasattr(kind, "_fields") else kind(items)
 
 
 def modules_of(model: nn.Module) -> list[nn.Module]:
@@ -76,13 +84,13 @@ class Inner:
             self.params, self.names = self._module_params()
         elif isinstance(params, Mapping):
             self.kind = "mapping"
-            self.modules = []
+            self.modules = None  # out of sight: the losses may call any module (Plan, modules_known)
             entries = list(params.items())
             self._check_entries(entries, lambda k: f"{argument}[{k!r}]")
             self.params, self.names = self._unique([(f"{argument}[{k!r}]", t) for k, t in entries])
         elif isinstance(params, (list, tuple)):
             self.kind = "sequence"
-            self.modules = []
+            self.modules = None  # out of sight: the losses may call any module (Plan, modules_known)
             entries = list(enumerate(params))
             self._check_entries(entries, lambda i: f"{argument}[{i}]")
             self.params, self.names = self._unique([(f"{argument}[{i}]", t) for i, t in entries])
@@ -164,7 +172,7 @@ class Inner:
         swap = {id(p): t for p, t in zip(self.params, theta)}
         if self.kind == "mapping":
             return fn({k: swap.get(id(v), v) for k, v in self.value.items()})
-        return fn(type(self.value)(swap.get(id(v), v) for v in self.value))
+        return fn(rebuild(self.value, [swap.get(id(v), v) for v in self.value]))
 
     def _state_names(self) -> list[str]:
         cached = getattr(self, "_names", None)

@@ -22,6 +22,7 @@ gap, a maintainer edits its row here.
 from __future__ import annotations
 
 import sys
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -197,8 +198,8 @@ class Refused(ValueError):
         self.rule = rule
 
 
-def _message(rule: str, where: str, module: nn.Module | None, p: Tensor | None) -> str:
-    kind = type(module).__name__
+def _message(rule: str, where: str, module, p: Tensor | None) -> str:
+    kind = module.name if isinstance(module, _FakeModule) else type(module).__name__
     if rule == "sparse_embedding":
         return (f"{where} is an {kind}(sparse=True): its sparse gradients cannot be differentiated a second time, "
                 "which Hessian-vector products need; construct it with sparse=False")
@@ -251,7 +252,16 @@ class Formulas(TorchFunctionMode):
 
     * weight norm as ``v · g / ‖v‖`` (norms over every dim but ``dim``);
     * ``F.hardsigmoid(x)`` as ``x/6 + 1/2`` on ``(−3, 3)``, else 0 or 1 (open at ±3 as PyTorch's gradient is).
+
+    With ``watch_embeddings`` (θ given as tensors, so that no module could be
+    inspected beforehand) an embedding call with ``sparse=True`` or
+    ``scale_grad_by_freq=True`` raises :class:`Refused` (rules
+    ``sparse_embedding``, ``scale_grad_by_freq``) when the loss runs.
     """
+
+    def __init__(self, watch_embeddings: bool = False):
+        super().__init__()
+        self.watch_embeddings = watch_embeddings
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -263,7 +273,20 @@ class Formulas(TorchFunctionMode):
             x = args[0]
             out = torch.where((x > -3) & (x < 3), x / 6 + 0.5, (x >= 3).to(x.dtype))
             return x.copy_(out) if (args[1] if len(args) > 1 else kwargs.get("inplace", False)) else out
+        if self.watch_embeddings and func in (nn.functional.embedding, nn.functional.embedding_bag):
+            bound = inspect.signature(func).bind(*args, **kwargs).arguments
+            for flag, rule in (("sparse", "sparse_embedding"), ("scale_grad_by_freq", "scale_grad_by_freq")):
+                if bound.get(flag):
+                    raise Refused(rule, _message(rule, f"train_loss_fn's {func.__name__}",
+                                                 _FakeModule(func.__name__), None))
         return func(*args, **kwargs)
+
+
+class _FakeModule:
+    """Stands in for a module in a refusal message about a functional call."""
+
+    def __init__(self, name: str):
+        self.name = name
 
 
 class Plan:
@@ -275,11 +298,14 @@ class Plan:
     (the formulas, when a rule asks for them).
     """
 
-    def __init__(self, rules: Sequence[str], path: str):
+    def __init__(self, rules: Sequence[str], path: str, modules_known: bool = True):
         self.rules = tuple(rules)
         self.path = path
         self.engine = "autograd" if any(getattr(RULE[r], path) == "autograd engine" for r in self.rules) else None
-        self._formulas = any(getattr(RULE[r], path) == "formula" for r in self.rules)
+        # θ as plain tensors: the modules the losses call are out of sight, so the formulas always apply and
+        # the embedding refusals are checked when the training loss runs
+        self._formulas = not modules_known or any(getattr(RULE[r], path) == "formula" for r in self.rules)
+        self._watch_embeddings = not modules_known
         self._attention = MathAttention()
 
     def __enter__(self) -> "Plan":
@@ -297,7 +323,7 @@ class Plan:
 class _TrainingCall:
     def __init__(self, plan: Plan):
         self.attention = MathAttention()
-        self.mode = Formulas() if plan._formulas else None
+        self.mode = Formulas(plan._watch_embeddings) if plan._formulas else None
 
     def __enter__(self):
         self.attention.__enter__()
@@ -311,12 +337,15 @@ class _TrainingCall:
         self.attention.__exit__(*exc)
 
 
-def make_plan(modules: Sequence[nn.Module], params: Sequence[Tensor], path: str, *, engine: str = "auto",
+def make_plan(modules: Sequence[nn.Module] | None, params: Sequence[Tensor], path: str, *, engine: str = "auto",
               name_of: Callable[[nn.Module, str | None], str] | None = None) -> Plan:
     """Match the static rules against ``modules`` and their trainable ``params``; raise the refusals.
 
     ``path`` is ``"implicit"`` or ``"unrolled"``; ``engine`` the one asked for
     (rule ``small_model`` applies to ``"auto"`` and ``"func"`` only).
+    ``modules=None`` says they cannot be seen (θ given as tensors): then
+    the formulas always apply and the embedding refusals are checked while
+    the training loss runs (:class:`Formulas`).
     ``name_of(module, attribute)`` names a module or one of its parameters in messages.
 
     Raises:
@@ -334,7 +363,7 @@ def make_plan(modules: Sequence[nn.Module], params: Sequence[Tensor], path: str,
     module_rules = [r for r in RULES if r.detect is not None and r.name not in
                     ("parameter_hook", "complex_parameter", "lazy_parameter")]
     owned = {id(p) for p in params}
-    for module in modules:
+    for module in modules or ():
         for rule in module_rules:
             if rule.detect(module, None):
                 hit(rule.name, module)
@@ -353,7 +382,7 @@ def make_plan(modules: Sequence[nn.Module], params: Sequence[Tensor], path: str,
             hit("parameter_hook")
     if engine in ("auto", "func") and sum(p.numel() for p in params) < FUNC_MIN_PARAMS:
         hit("small_model")
-    return Plan(matched, path)
+    return Plan(matched, path, modules_known=modules is not None)
 
 
 def uncompiled(model):

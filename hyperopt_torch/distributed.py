@@ -29,7 +29,7 @@ See docs/distributed.md for the measured communication and memory.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -192,8 +192,11 @@ class Collectives:
         return generator
 
 
-def data_parallel(model) -> tuple[Any, Collectives]:
+def data_parallel(model, before: Callable[[Collectives], None] | None = None) -> tuple[Any, Collectives]:
     """``(params, collectives)`` for the hypergradient of ``model`` (a module, or θ as a dict or list of tensors).
+
+    ``before(collectives)``, if given, runs as soon as the process group is known and before any collective
+    of this function (the ranks' agreement check goes there, ahead of FSDP's all-gathers).
 
     * ``model`` wrapped in ``DistributedDataParallel``: the wrapped
       ``model.module`` and DDP's own process group.  The hypergradient calls
@@ -217,13 +220,18 @@ def data_parallel(model) -> tuple[Any, Collectives]:
     replicas of θ and of the hyperparameters, and equal-sized shards (the
     global objective is the mean of the ranks' losses).
     """
+    before = before or (lambda comm: None)
     if _fsdp.is_sharded(model):
         group = _fsdp.process_group(model)
         comm = Collectives(group if dist.get_world_size(group) > 1 else None)
+        before(comm)
         return _fsdp.unsharded_replica(model, comm.gather), comm
     if isinstance(model, nn.parallel.DistributedDataParallel):
         group = model.process_group
-        return model.module, Collectives(group if dist.get_world_size(group) > 1 else None)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return model, Collectives(dist.group.WORLD)
-    return model, Collectives()
+        module, comm = model.module, Collectives(group if dist.get_world_size(group) > 1 else None)
+    elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        module, comm = model, Collectives(dist.group.WORLD)
+    else:
+        module, comm = model, Collectives()
+    before(comm)
+    return module, comm

@@ -37,7 +37,14 @@ from .ihvp import Operator
 
 ENGINES = ("auto", "func", "autograd")
 
-__all__ = ["ENGINES", "Batching", "HessianVectorProduct", "training_hvp", "flatten", "unflatten", "autograd_grad"]
+
+def check_engine(engine) -> str:
+    """``engine`` if it is one of :data:`ENGINES`; ``ValueError`` naming them otherwise."""
+    if engine not in ENGINES:
+        raise ValueError(f"Invalid engine: {engine!r} (expected one of {', '.join(map(repr, ENGINES))})")
+    return engine
+
+__all__ = ["ENGINES", "check_engine", "Batching", "HessianVectorProduct", "training_hvp", "flatten", "unflatten", "autograd_grad"]
 
 
 def _sync(device: torch.device) -> None:
@@ -444,8 +451,7 @@ def training_hvp(loss_fn: Callable, model: nn.Module | Inner, params: Sequence[T
             returns one without a graph to the parameters (computed under
             ``no_grad``/``inference_mode``, or detached).
     """
-    if engine not in ENGINES:
-        raise ValueError(f"Invalid engine: {engine!r} (expected one of {', '.join(map(repr, ENGINES))})")
+    check_engine(engine)
     inner = model if isinstance(model, Inner) else Inner(model)
     plan = plan if plan is not None else make_plan(inner.modules, params, "implicit", engine=engine)
     layout = Batching.layout(params, engine)

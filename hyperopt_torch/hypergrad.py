@@ -16,22 +16,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import _compat
 from ._checks import check_hparams, check_scalar, require_graph
-from ._inner import Inner, check_loss_call
+from ._inner import Inner, LossFn, check_loss_call
 from ._kinds import Plan, make_plan, refuse_once_differentiable, uncompiled
 from ._warn import warn
 from .distributed import Collectives, data_parallel
-from .hvp import ENGINES, Batching, autograd_grad, flatten, training_hvp
+from .hvp import Batching, autograd_grad, check_engine, flatten, training_hvp
 from .ihvp import Solution, Solver, make_solver, run_solver
 
-LossFn = Callable[[object], Tensor]
-"""``params ↦`` scalar loss: called with the model (or the dict or list of tensors) passed as ``params``."""
 
 
 @dataclass
@@ -181,12 +179,11 @@ def implicit_hypergradient(
     written in place, ``.grad`` (objects and values), buffers, modes; the
     training loss sees θ as found too.  One copy of θ and the buffers is made.
     On a GPU the step synchronises with the host once at the end, plus once
-    in the Nyström solver and once per iteration of CG with ``tol``.
+    in the Nyström solver and once per iteration of CG, MINRES or
+    normal-CG with ``tol``.
     """
-    problem = _prepare(hparams, params, ihvp, generator, engine)
+    problem = _prepare(hparams, params, ihvp, generator, engine, residual if verify_ranks else None)
     hparams, inner, comm, plan, solver = problem
-    if verify_ranks:
-        comm.check_agreement(_description(problem, residual))
     start = time.perf_counter()
     params = inner.params
     calls = 0
@@ -236,18 +233,23 @@ def implicit_hypergradient(
 
 
 # -- the pipeline's stages -----------------------------------------------------------------------------------
-def _prepare(hparams, params, ihvp, generator, engine: str) -> _Problem:
-    """Validate the arguments; unwrap the model; build the communicator and the model plan.
+def _prepare(hparams, params, ihvp, generator, engine: str, residual: bool | None) -> _Problem:
+    """Validate the arguments; unwrap the model; build the communicator and the model plan; under
+    ``torch.distributed`` check first that the ranks agree (unless ``residual`` is ``None``).
 
     Raises before anything is changed.
     """
     hparams = check_hparams(hparams)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a CPU torch.Generator or None, got {type(generator).__name__}")
-    if engine not in ENGINES:
-        raise ValueError(f"Invalid engine: {engine!r} (expected one of {', '.join(map(repr, ENGINES))})")
+    check_engine(engine)
     solver = make_solver(ihvp) if isinstance(ihvp, str) else ihvp
-    unwrapped, comm = data_parallel(uncompiled(params))  # torch.compile around DDP or inside it
+
+    def agree(comm: Collectives) -> None:  # the first collective of the step
+        if residual is not None and comm.group is not None:
+            comm.check_agreement(_description(solver, hparams, params, residual))
+
+    unwrapped, comm = data_parallel(uncompiled(params), before=agree)  # torch.compile around DDP or inside it
     inner = Inner(uncompiled(unwrapped))
     plan = make_plan(inner.modules, inner.params, "implicit", engine=engine, name_of=inner.name_of_module)
     device = inner.params[0].device
@@ -300,13 +302,26 @@ def _span(t: Tensor) -> tuple[int, int]:
     return t.storage_offset() * size, (last + 1) * size
 
 
-def _description(problem: _Problem, residual: bool) -> dict:
-    """What the ranks must agree on (:meth:`~hyperopt_torch.distributed.Collectives.check_agreement`)."""
+def _description(solver: Solver, hparams: Sequence[Tensor], params, residual: bool) -> dict:
+    """What the ranks must agree on (:meth:`~hyperopt_torch.distributed.Collectives.check_agreement`): the
+    solver (its ``repr``, or for a class without one its name and plain attributes: a default ``repr`` holds
+    an address, which differs between processes), the residual request, and the shapes of φ and θ (as the
+    user passed θ: an FSDP2 model's DTensor parameters have their full shapes)."""
+    if type(solver).__repr__ is object.__repr__:
+        plain = {k: v for k, v in sorted(vars(solver).items()) if isinstance(v, (bool, int, float, str, type(None)))}
+        what = f"{type(solver).__qualname__}({plain})"
+    else:
+        what = repr(solver)
+    if isinstance(params, nn.Module):
+        theta = [p for p in params.parameters() if p.requires_grad]
+    else:
+        theta = [t for t in (params.values() if isinstance(params, Mapping) else params)
+                 if isinstance(t, Tensor) and t.requires_grad]
     return {
-        "solver": repr(problem.solver),
+        "solver": what,
         "residual": bool(residual),
-        "hparams": [(tuple(h.shape), str(h.dtype)) for h in problem.hparams],
-        "parameters": [(tuple(p.shape), str(p.dtype)) for p in problem.inner.params],
+        "hparams": [(tuple(h.shape), str(h.dtype)) for h in hparams],
+        "parameters": [(tuple(p.shape), str(p.dtype)) for p in theta],
     }
 
 
@@ -336,7 +351,9 @@ def _validation_gradient(val_loss_fn: LossFn, inner: Inner, hparams: list[Tensor
     val = require_graph(check_scalar(_call(val_loss_fn, inner.value, "val_loss_fn", inner), "val_loss_fn"),
                         "val_loss_fn")
     _refuse_backward(snapshot, inner, "val_loss_fn")
-    direct = comm.average(autograd_grad((val,), (*params, *hparams), (torch.ones_like(val),)), params + hparams)
+    direct = autograd_grad((val,), (*params, *hparams), (torch.ones_like(val),))
+    # A sparse gradient (a sparse embedding, which the rule table refuses in the training loss) as a dense one
+    direct = comm.average([d.to_dense() if d is not None and d.is_sparse else d for d in direct], params + hparams)
     # A view of a fresh gradient when there is one parameter (the solvers never write into b).  No detach:
     # a gradient taken without create_graph carries no graph.
     b = (direct[0].reshape(-1) if len(params) == 1 and direct[0] is not None

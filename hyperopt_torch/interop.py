@@ -54,6 +54,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from ._inner import rebuild
 from ._warn import warn
 from .hvp import HessianVectorProduct, flatten, unflatten
 from .ihvp import Solver, make_solver, run_solver
@@ -63,7 +64,10 @@ BATCHES = ("loop", "vmap")
 
 def _solver(solver: Solver | str, settings: dict) -> Solver:
     if isinstance(solver, str):
-        return make_solver(solver, **settings)
+        try:
+            return make_solver(solver, **settings)
+        except (ValueError, TypeError) as error:  # make_solver speaks of its argument as ihvp=
+            raise type(error)(str(error).replace("Invalid ihvp", "Invalid solver").replace("ihvp=", "solver="))
     if settings:
         raise ValueError(f"settings {', '.join(sorted(settings))} were given with a solver object: put them on the object")
     if not callable(getattr(solver, "solve", None)):
@@ -85,14 +89,13 @@ def _tree_flatten(tree: Any) -> tuple[list[Tensor], Callable[[Sequence[Tensor]],
     if isinstance(tree, (list, tuple)):
         parts = [_tree_flatten(t) for t in tree]
         counts = [len(leaves) for leaves, _ in parts]
-        kind = type(tree)
 
         def build(new: Sequence[Tensor]) -> Any:
             children, start = [], 0
-            for (_, rebuild), n in zip(parts, counts):
-                children.append(rebuild(new[start:start + n]))
+            for (_, child), n in zip(parts, counts):
+                children.append(child(new[start:start + n]))
                 start += n
-            return kind(*children) if hasattr(kind, "_fields") else kind(children)
+            return rebuild(tree, children)
 
         return [t for leaves, _ in parts for t in leaves], build
     raise TypeError(f"expected a pytree of tensors (tensor, list, tuple, dict), found a {type(tree).__name__}")

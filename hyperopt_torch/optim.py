@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import numbers
 from typing import Any, Callable
 
 import torch
@@ -12,8 +13,9 @@ from torch.optim import Optimizer
 
 from ._checks import check_hparams
 from ._warn import warn
-from .hvp import ENGINES, Batching
-from .hypergrad import HypergradInfo, Hypergradient, LossFn, implicit_hypergradient
+from .hvp import ENGINES, Batching, check_engine
+from ._inner import LossFn
+from .hypergrad import HypergradInfo, Hypergradient, implicit_hypergradient
 from .ihvp import RESULT_NEUTRAL, SOLVER_SETTINGS, Solver, make_solver, solver_config
 
 _NONFINITE = ("warn", "raise")
@@ -84,6 +86,13 @@ def _check_settings(ihvp, given: dict, base: type, base_kwargs: dict) -> None:
                 "(giving both says which is which)")
 
 
+def _is_batching_state(state) -> bool:
+    """Whether ``state`` has the form of :meth:`~hyperopt_torch.hvp.Batching.state_dict` (or is empty)."""
+    return isinstance(state, dict) and all(
+        isinstance(state.get(k, {}), dict) and all(isinstance(v, dict) for v in state.get(k, {}).values())
+        for k in ("engines", "strategies"))
+
+
 class _BaseState:
     """What the base optimizer's step can change, for a rollback: one copy of the hparams' values and of
     the tensors of their state (no ``state_dict()`` packing, no deep copy of the rest)."""
@@ -140,9 +149,9 @@ class HyperOptimizer(Optimizer):
             ``"exact"``).
         rank, rho, chunk, sketch, seed: Nyström's ``k``, ``ρ``, ``κ``, test
             matrix and generator seed (:class:`~hyperopt_torch.Nystrom`);
-            ``rho`` is also CG's and Exact's damping.
+            ``rho`` is also the damping of CG, MINRES, normal-CG and Exact.
         iters, alpha, tol: the iterative solvers' ``l``, Neumann's step ``α``
-            and CG's relative residual tolerance.
+            and the relative residual at which CG, MINRES and normal-CG stop.
             Every solver setting is ``None`` by default, meaning the solver's
             own default; a setting given for a solver that does not take it is
             refused, as is one given with a solver object.
@@ -243,9 +252,7 @@ class HyperOptimizer(Optimizer):
             raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (expected 'warn' or 'raise')")
         self.on_nonfinite = on_nonfinite
         self.residual = bool(residual)
-        if engine not in ENGINES:
-            raise ValueError(f"Invalid engine: {engine!r} (expected one of {', '.join(map(repr, ENGINES))})")
-        self.engine = engine
+        self.engine = check_engine(engine)
         self.batching = Batching()
         self.base = base(groups, **kwargs, **base_kwargs)
         self.last: HypergradInfo | None = None
@@ -323,12 +330,16 @@ class HyperOptimizer(Optimizer):
         if not isinstance(entry, dict) or "name" not in entry:
             raise ValueError("state_dict has no 'hyperopt' entry with the solver's name: it was not written by "
                              "HyperOptimizer.state_dict() (load a base optimizer's state with hopt.base.load_state_dict)")
+        settings, engine, batching = entry.get("settings", {}), entry.get("engine", self.engine), entry.get("batching", {})
+        if not isinstance(settings, dict) or engine not in ENGINES or not _is_batching_state(batching):
+            raise ValueError("the checkpoint's 'hyperopt' entry is damaged (settings, engine or batching of the wrong "
+                             "type): nothing was loaded")
         mine = solver_config(self.solver)
         if entry["name"] != mine["name"]:
-            raise ValueError(f"the checkpoint was written with ihvp={entry['name']!r} {entry['settings']}, this optimizer "
+            raise ValueError(f"the checkpoint was written with ihvp={entry['name']!r} {settings}, this optimizer "
                              f"uses ihvp={mine['name']!r} {mine['settings']}: build it with the checkpoint's solver")
-        differ = [f"{k}: {entry['settings'].get(k)!r} in the checkpoint, {v!r} here"
-                  for k, v in mine["settings"].items() if k not in RESULT_NEUTRAL and entry["settings"].get(k) != v]
+        differ = [f"{k}: {settings.get(k)!r} in the checkpoint, {v!r} here"
+                  for k, v in mine["settings"].items() if k not in RESULT_NEUTRAL and settings.get(k) != v]
         if differ:
             raise ValueError(f"the checkpoint's {mine['name']} solver has other settings ({'; '.join(differ)}): "
                              "build the optimizer with the checkpoint's settings")
@@ -340,17 +351,20 @@ class HyperOptimizer(Optimizer):
         # the base optimizer's state replaced.
         # (Copied without state_dict(), whose hooks would fire for a checkpoint nobody asked for.)
         saved_base, saved_solver = _BaseState(self.base, self.hparams), self._solver_state()
+        saved_batching = self.batching.state_dict()
         try:
             self.base.load_state_dict(state_dict)
             if entry.get("solver_state") is not None:
                 self.solver.load_state_dict(entry["solver_state"])
+            self.batching.load_state_dict(batching)
         except BaseException:
             saved_base.restore()
             self._restore_solver(saved_solver)
+            self.batching.load_state_dict(saved_batching)
             raise
-        if entry.get("engine") in ENGINES:
-            self.engine = entry["engine"]
-        self.batching.load_state_dict(entry.get("batching", {}))
+        if self.engine == "func" and engine == "autograd":
+            # the only engine a checkpoint carries over: the saved run had fallen back from torch.func for good
+            self.engine = engine
         self._ranks_agreed = False
 
     def _solver_state(self):
@@ -372,6 +386,9 @@ class HyperOptimizer(Optimizer):
         return self._hypergradient(train_loss_fn, val_loss_fn, params, self._solver_state())
 
     def _hypergradient(self, train_loss_fn, val_loss_fn, params, solver_state) -> Hypergradient:
+        # What a failed (or interrupted) step must not leave behind: the solver's state and the batching it
+        # measured (which would steer the later steps).
+        batching = self.batching.state_dict()
         try:
             result = implicit_hypergradient(
                 self.hparams, train_loss_fn, val_loss_fn, params, self.solver, residual=self.residual,
@@ -379,6 +396,7 @@ class HyperOptimizer(Optimizer):
             )
         except BaseException:
             self._restore_solver(solver_state)
+            self.batching.load_state_dict(batching)
             raise
         self._ranks_agreed = True
         self.last = result.info
@@ -410,8 +428,11 @@ class HyperOptimizer(Optimizer):
         Raises:
             ValueError: ``weight`` is not a finite number.
         """
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        if isinstance(weight, torch.Tensor) and weight.numel() == 1 and not weight.requires_grad:
+            weight = weight.item()
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise ValueError(f"Invalid weight: {weight!r} (expected a finite number)")
+        weight = float(weight)
         grads, info = self.hypergradient(train_loss_fn, val_loss_fn, params)
         if not info.skipped:
             with torch.no_grad():
@@ -425,11 +446,13 @@ class HyperOptimizer(Optimizer):
                         h.grad = h.grad + weight * g
         return info
 
-    def _update(self, apply: Callable[[], None], solver_state) -> None:
+    def _update(self, apply: Callable[[], None], solver_state=None, last: HypergradInfo | None = None,
+                batching: dict | None = None) -> None:
         """Run ``apply`` (which sets ``.grad`` and steps the base) as one transaction.
 
         If it raises (or is interrupted), the hparams' values and ``.grad``,
-        the base optimizer's state and ``solver_state`` are put back: one copy
+        the base optimizer's state, and ``solver_state``, :attr:`last` and the
+        ``batching`` state from before the hypergradient are put back: one copy
         of the hparams and of their state's tensors is made per step
         (:class:`_BaseState`).
         """
@@ -439,6 +462,9 @@ class HyperOptimizer(Optimizer):
         except BaseException:
             saved.restore()
             self._restore_solver(solver_state)
+            if batching is not None:
+                self.last = last
+                self.batching.load_state_dict(batching)
             raise
 
     def step(self, train_loss_fn: LossFn | None = None, val_loss_fn: LossFn | None = None, params=None, *,
@@ -472,11 +498,11 @@ class HyperOptimizer(Optimizer):
                 warn("step() without arguments found no .grad on any hparam, so nothing was updated: call "
                      "accumulate(...) first, or step(train_loss_fn, val_loss_fn, params)", UserWarning)
                 return None
-            self._update(self.base.step, None)
+            self._update(self.base.step)
             return None
         if any(a is None for a in args):
             raise TypeError("step() takes either no arguments or all of train_loss_fn, val_loss_fn and params")
-        solver_state = self._solver_state()
+        solver_state, last, batching = self._solver_state(), self.last, self.batching.state_dict()
         grads, info = self._hypergradient(train_loss_fn, val_loss_fn, params, solver_state)
         if not info.skipped:
             def apply() -> None:
@@ -484,7 +510,7 @@ class HyperOptimizer(Optimizer):
                     h.grad = g
                 self.base.step()
 
-            self._update(apply, solver_state)
+            self._update(apply, solver_state, last, batching)
         return info
 
     def __repr__(self) -> str:

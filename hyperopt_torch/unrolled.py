@@ -52,9 +52,8 @@ import torch
 from torch import Tensor
 
 from ._checks import check_hparams, check_scalar, positive_int, require_graph
-from ._inner import Inner
+from ._inner import Inner, LossFn
 from ._kinds import RULE, Refused, RerunWatch, make_plan, reaches, refuse_once_differentiable, uncompiled
-from .hypergrad import LossFn
 
 __all__ = [
     "unrolled_hypergradient",

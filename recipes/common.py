@@ -29,6 +29,7 @@ import json
 import math
 import os
 import sys
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -82,7 +83,11 @@ def command(main: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(main)
     def run(argv=None):
         try:
-            return main(argv)
+            with warnings.catch_warnings():
+                # A step skipped for a non-finite hypergradient or loss is turned into the one-line error of
+                # check_hypergradient right after it: the library's own warning would only repeat it.
+                warnings.filterwarnings("ignore", message="non-finite hypergradient or loss", category=RuntimeWarning)
+                return main(argv)
         except BaseException as error:
             for bar in list(_BARS):
                 bar.close()
@@ -114,29 +119,43 @@ def _raised_in(error: BaseException, package: Path) -> bool:
 
 
 # -- flag values: argparse usage errors (exit status 2) -----------------------------------------------------
+# Each flag type says what it expected (argparse would otherwise print "invalid positive_int value").
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
 
 
 def chunk_value(text: str) -> int | str:
     """``--chunk``: an integer >= 1, or ``auto`` (the largest κ that fits the device's free memory)."""
-    return "auto" if text == "auto" else positive_int(text)
+    try:
+        return "auto" if text == "auto" else positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not (value > 0 and math.isfinite(value)):  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
 def nonnegative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not (value >= 0 and math.isfinite(value)):  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
 
 
@@ -186,7 +205,7 @@ def make_parser(prog: str, description: str, *, outer_steps: int, rank: int, rho
     solver = parser.add_argument_group("inverse-Hessian-vector product (paper symbols in brackets)")
     solver.add_argument("--ihvp", choices=ihvp_choices, default="nystrom", help="solver for (H + ρI)⁻¹ ∇_θ g")
     solver.add_argument("--rank", type=positive_int, default=rank, help="Nyström rank [k]")
-    solver.add_argument("--rho", type=positive_float, default=rho,
+    solver.add_argument("--rho", type=nonnegative_float, default=rho,
                         help="Nyström regulariser [ρ]; also the damping of cg, minres, normal_cg and exact")
     solver.add_argument("--chunk", type=chunk_value, default=None,
                         help="Nyström columns held at once [κ], 1..rank or 'auto' (the largest that fits the "
@@ -254,7 +273,7 @@ def resolve_device(name: str | None, threads: int | None = None) -> torch.device
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise RecipeError(f"invalid --device {name!r}") from None
+        raise RecipeError(f"invalid --device {name!r}: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError(f"--device {name} requested but CUDA is not available")
     if device.type == "meta":
@@ -283,10 +302,11 @@ def _differences(saved: dict, current: dict) -> str:
 
 
 def _earlier_run(out: Path) -> list[str]:
-    """The files of an earlier run in ``out``, relative to it."""
+    """The files of an earlier run in ``out``, relative to it; none when it left only its ``config.json`` (it
+    stopped before its first checkpoint, with nothing a new run could be mixed with)."""
     found = [name for name in RUN_FILES if (out / name).exists()]
     found += sorted(str(p.relative_to(out)) for pattern in RUN_GLOBS for p in out.glob(pattern))
-    return found
+    return [] if found == ["config.json"] else found
 
 
 def prepare_out(args: argparse.Namespace) -> Path:
@@ -311,7 +331,8 @@ def prepare_out(args: argparse.Namespace) -> Path:
         raise RecipeError(f"--out {out} is a file, not a folder: choose another --out")
     if args.resume:
         if not path.exists():
-            raise RecipeError(f"--resume: no earlier run in {out} (missing config.json)")
+            raise RecipeError(f"--resume: no earlier run in {out} (missing config.json); start a new run there with "
+                              "--overwrite, or choose another --out")
         try:
             saved = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -565,6 +586,8 @@ def fully_sharded(model: nn.Module) -> nn.Module:
     over the ranks itself (docs/distributed.md, "FSDP").  Checkpoint it through :func:`state_dicts`.
     """
     if ranks()[1] == 1:
+        print("note: --fsdp shards the model only under torchrun with more than one process; this one process "
+              "trains it unsharded")
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

@@ -135,6 +135,16 @@ def _no_plot(path, draw, **kwargs):
     return False
 
 
+class _PlainSolver:
+    """A custom solver as a user writes one: no __repr__, no state."""
+
+    name = "plain"
+    damping = 0.0
+
+    def solve(self, matvec, b, generator=None):
+        return b.clone()
+
+
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -238,6 +248,8 @@ def _worker(rank, init_file, out_dir):
             record["disagree"][label] = "accepted"
         except ValueError as error:
             record["disagree"][label] = str(error)
+    # A custom solver without a __repr__ (its default repr holds an address, different on every rank) agrees.
+    record["custom solver"] = flat(implicit_hypergradient(hparams, train, val, model, _PlainSolver()).grads)
     checked = HyperOptimizer(hparams, base=torch.optim.SGD, ihvp=seeded("cg", 0), lr=0.1)
     counts = [checked.step(train, val, model).collectives, checked.step(train, val, model).collectives]
     checked.load_state_dict(checked.state_dict())
@@ -395,6 +407,10 @@ def test_ranks_that_disagree_each_raise_a_python_error_naming_the_setting(ranks,
     for record in ranks:
         message = record["disagree"][label]
         assert message.startswith("the ranks disagree") and f"{setting}: rank 0 has" in message
+
+
+def test_a_custom_solver_without_a_repr_is_agreed_on_by_its_class_and_attributes(ranks):
+    assert rel(ranks[0]["custom solver"], ranks[1]["custom solver"]) == 0
 
 
 def test_a_hyperoptimizer_checks_agreement_on_its_first_step_and_after_a_load_only(ranks):

@@ -4,6 +4,7 @@ import copy
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -736,3 +737,59 @@ def test_a_run_resumed_in_a_new_process_reproduces_the_uninterrupted_one_bit_for
     whole, resumed, forgot = (torch.load(f"{path}.{m}") for m in ("whole", "resume", "forget"))
     assert all(torch.equal(a, b) for a, b in zip(whole, resumed))
     assert not all(torch.equal(a, b) for a, b in zip(whole, forgot))
+
+
+def test_a_damaged_checkpoint_entry_is_refused_before_anything_is_loaded(ridge):
+    """Settings missing, an unknown engine or a batching record of the wrong form: nothing loaded (the base
+    state and the generator were already replaced when the batching failed to load)."""
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.Adam, ihvp="nystrom", rank=3, lr=0.1)
+    hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)
+    good = copy.deepcopy(hopt.state_dict())
+    fresh = HyperOptimizer([ridge.phi], base=torch.optim.Adam, ihvp="nystrom", rank=3, lr=0.1)
+    generator = fresh.solver.generator.get_state()
+    for damage in ({"batching": {"engines": 5}}, {"engine": "jax"}, {"settings": None}):
+        bad = copy.deepcopy(good)
+        bad["hyperopt"].update(damage)
+        with pytest.raises(ValueError, match="damaged"):
+            fresh.load_state_dict(bad)
+        assert not fresh.state and torch.equal(fresh.solver.generator.get_state(), generator)
+        assert fresh.batching.state_dict() == {"engines": {}, "strategies": {}}
+    fresh.load_state_dict(good)
+    assert fresh.batching.state_dict() == hopt.batching.state_dict()
+
+
+def test_an_explicit_engine_is_kept_over_a_checkpoints_and_a_fallback_carries_over(ridge):
+    saved = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="exact", lr=0.1).state_dict()  # engine "auto"
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="exact", lr=0.1, engine="autograd")
+    hopt.load_state_dict(saved)
+    assert hopt.engine == "autograd"
+    saved["hyperopt"]["engine"] = "autograd"  # a run that fell back from torch.func for good
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="exact", lr=0.1, engine="func")
+    hopt.load_state_dict(saved)
+    assert hopt.engine == "autograd"
+
+
+def test_a_failed_step_leaves_no_measured_batching_and_keeps_the_last_info(ridge):
+    """What a failed step measured would steer the later ones: it is undone with everything else."""
+    hopt = HyperOptimizer([ridge.phi], base=_FailingSGD, ihvp=Nystrom(3, 0.1), lr=0.1)
+    ridge.phi.grad = None
+    with pytest.raises(RuntimeError, match="device lost"):
+        hopt.step(ridge.train_loss, ridge.val_loss, ridge.model)  # the hypergradient measured, the base step failed
+    assert hopt.batching.state_dict() == {"engines": {}, "strategies": {}} and hopt.last is None
+
+    def interrupted(m):
+        raise KeyboardInterrupt
+
+    ok = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp=Nystrom(3, 0.1), lr=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        ok.step(interrupted, ridge.val_loss, ridge.model)
+    assert ok.batching.state_dict() == {"engines": {}, "strategies": {}} and ok.last is None
+
+
+@pytest.mark.parametrize("weight", [np.float32(0.5), torch.tensor(0.5), 1])
+def test_accumulate_takes_any_real_number_as_weight(ridge, weight):
+    hopt = HyperOptimizer([ridge.phi], base=torch.optim.SGD, ihvp="exact", lr=0.1)
+    g = hopt.hypergradient(ridge.train_loss, ridge.val_loss, ridge.model).grads[0]
+    hopt.zero_grad()
+    hopt.accumulate(ridge.train_loss, ridge.val_loss, ridge.model, weight=weight)
+    torch.testing.assert_close(ridge.phi.grad, float(weight) * g, rtol=1e-14, atol=0)
