@@ -168,3 +168,25 @@ class LiveBytes:
 def live_bytes():
     """``live_bytes()`` gives a fresh :class:`LiveBytes` counter (``with live_bytes() as m: ...; m.peak``)."""
     return LiveBytes
+
+
+def spawn_ranks(worker, world: int, deadline_s: float, tmp: Path) -> list[dict]:
+    """Run ``worker(rank, init_file, out_dir)`` on ``world`` spawned processes (killed after ``deadline_s`` so
+    that nothing hangs) and return the records they saved as ``<tmp>/rank<r>.pt``.  The 2-rank tests spawn
+    once per file and run many cases per process group (a spawn costs most of their time)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=(str(tmp / "init"), str(tmp)), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {world} ranks did not finish within {deadline_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]

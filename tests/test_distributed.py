@@ -13,14 +13,12 @@ import copy
 import json
 import math
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from hyperopt_torch import (
@@ -28,6 +26,7 @@ from hyperopt_torch import (
 )
 from recipes import common, reweighting, weight_decay
 from recipes.cifar import write_cifar10
+from conftest import spawn_ranks
 
 DT = torch.float64
 WORLD = 2
@@ -283,18 +282,7 @@ def ranks():
     """Run the two ranks (killed after SPAWN_DEADLINE_S so that nothing hangs); their records."""
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar10(Path(tmp) / "cifar", n_train=500, n_test=50)
-        context = mp.start_processes(_worker, args=(str(Path(tmp) / "init"), tmp), nprocs=WORLD, join=False,
-                                     start_method="spawn")
-        deadline = time.monotonic() + SPAWN_DEADLINE_S
-        try:
-            while not context.join(timeout=1):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the {WORLD} ranks did not finish within {SPAWN_DEADLINE_S} s")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-        records = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        records = spawn_ranks(_worker, WORLD, SPAWN_DEADLINE_S, Path(tmp))
         records[0]["recipe files"] = sorted(p.name for p in (Path(tmp) / "recipe").iterdir())
         records[0]["recipe metrics"] = json.loads((Path(tmp) / "recipe" / "metrics.json").read_text())
         yield records

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import math
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from recipes import common, reweighting
 from recipes.cifar import write_cifar10
+from conftest import spawn_ranks
 from hyperopt_torch import (ConjugateGradient, Exact, HyperOptimizer, Identity, InnerSGD, Minres, Neumann, NormalCG,
                             Nystrom, implicit_hypergradient, unrolled_hypergradient)
 
@@ -391,18 +390,7 @@ def ranks():
     """Run the two ranks (killed after SPAWN_DEADLINE_S so that nothing hangs); their records."""
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar10(Path(tmp) / "cifar", n_train=500, n_test=50)
-        context = mp.start_processes(_worker, args=(str(Path(tmp) / "init"), tmp), nprocs=WORLD, join=False,
-                                     start_method="spawn")
-        deadline = time.monotonic() + SPAWN_DEADLINE_S
-        try:
-            while not context.join(timeout=1):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the {WORLD} ranks did not finish within {SPAWN_DEADLINE_S} s")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-        yield [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        yield spawn_ranks(_worker, WORLD, SPAWN_DEADLINE_S, Path(tmp))
 
 
 # -- single-process references on the concatenated batches ----------------------------------------------
