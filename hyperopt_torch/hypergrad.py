@@ -123,64 +123,39 @@ def implicit_hypergradient(
     """The implicit hypergradient ``dg/dφ`` (Eq. 3), without touching any ``.grad``.
 
     Args:
-        hparams: the tensors φ (leaf, ``requires_grad=True``), on θ's device.
-            They enter ``train_loss_fn`` in any differentiable way, typically
-            by closure; they may also enter ``val_loss_fn`` (the direct term
-            ``∂g/∂φ``), or only ``val_loss_fn`` (then the direct term is their
-            whole hypergradient).
-        train_loss_fn: ``params ↦ f``, a scalar tensor with its graph; it must
-            not call ``.backward()`` itself.  It runs under the model plan
-            (:mod:`hyperopt_torch._kinds`: attention on its math kernel,
-            weight norm and ``nn.Hardsigmoid`` by their formulas).
-        val_loss_fn: ``params ↦ g``, likewise (on the user's kernels).
-        params: θ: an ``nn.Module`` (its parameters with ``requires_grad``;
-            under ``torch.distributed`` a ``DistributedDataParallel`` model, a
-            ``torch.compile`` wrapper: the losses receive the eager module; an
-            FSDP2 ``fully_shard`` model: they receive an unsharded replica), a
-            dict of tensors (the form ``torch.func.functional_call`` takes) or
-            a list/tuple of tensors; θ are the entries with ``requires_grad``.
-            The losses are called with this object (or, inside torch.func's
-            transform, a copy of it holding other tensors).  Under
-            ``torch.distributed`` the result is the hypergradient of the mean
-            of the ranks' losses, identical on every rank
-            (:mod:`hyperopt_torch.distributed`).
+        hparams: the tensors φ (leaf, ``requires_grad=True``), on θ's device;
+            they enter the training loss (by closure, typically), the
+            validation loss (the direct term ``∂g/∂φ``), or both.
+        train_loss_fn, val_loss_fn: ``params ↦ f`` and ``params ↦ g``, scalar
+            tensors with their graphs, called with ``params`` (the training
+            loss under the model plan, :mod:`hyperopt_torch._kinds`).
+        params: θ, an ``nn.Module`` (DDP, ``torch.compile`` and FSDP2 models
+            included), a dict of tensors or a list/tuple of tensors (θ: the
+            entries with ``requires_grad``).
         ihvp: a solver object or a name accepted by :func:`~hyperopt_torch.make_solver`.
-        generator: CPU ``torch.Generator`` for randomised solvers (Nyström);
-            ``None`` draws from the solver's own, which advances.
+        generator: CPU ``torch.Generator`` for a randomised solver; ``None``
+            draws from the solver's own.
         residual: also compute ``‖(H + ρI)x − b‖/‖b‖`` (one more HVP).
-        engine: ``"auto"``, ``"func"`` or ``"autograd"``
-            (:func:`hyperopt_torch.hvp.training_hvp`).
+        engine: ``"auto"``, ``"func"`` or ``"autograd"`` (:func:`~hyperopt_torch.hvp.training_hvp`).
         batching: a :class:`~hyperopt_torch.hvp.Batching` that measures and
-            remembers the engine and batching (a :class:`~hyperopt_torch.HyperOptimizer`
-            passes its own); ``None``: deterministic defaults, nothing timed.
+            keeps the engine and batching; ``None``: nothing timed, deterministic.
         verify_ranks: under ``torch.distributed``, first check with one small
-            collective that the ranks agree on the solver, the hparams' shapes
-            and θ's layout.
+            collective that the ranks agree (solver, shapes of φ and θ).
 
     Returns:
-        ``Hypergradient(grads, info)``: ``grads[i]`` has the shape, dtype and
-        device of ``hparams[i]``; non-finite values are returned as they are,
-        with ``info.skipped = True``.  A diverged solve gives NaN
-        (``info.diverged``, :func:`~hyperopt_torch.ihvp.run_solver`); CG stopped
-        at negative curvature is applied, with ``info.negative_curvature`` and
-        a ``RuntimeWarning``.
+        ``Hypergradient(grads, info)``: ``grads[i]`` shaped like ``hparams[i]``;
+        non-finite values are returned as they are, with ``info.skipped``.
 
     Raises:
-        TypeError / ValueError: bad hparams or params (non-leaf θ named, with
-            how to detach them), a loss that is not a scalar tensor, has no
-            graph, calls ``.backward()`` or does not take one argument,
-            hparams on another device or sharing memory with θ, a model kind
-            the rule table refuses, an hparam in neither loss, ranks that
-            disagree.  Any exception of the loss functions' own propagates.
-            θ is left unchanged.
+        TypeError / ValueError: bad hparams or params, a loss that is not a
+            scalar tensor with a graph, calls ``.backward()`` or takes another
+            signature, a model kind the rule table refuses, an hparam in
+            neither loss, ranks that disagree (each message names the cause;
+            docs/api.md lists them).  A loss's own exception propagates.
 
-    θ is left exactly as found, whatever the losses do to it
-    (:class:`~hyperopt_torch._inner.ModelSnapshot`): values, also when
-    written in place, ``.grad`` (objects and values), buffers, modes; the
-    training loss sees θ as found too.  One copy of θ and the buffers is made.
-    On a GPU the step synchronises with the host once at the end, plus once
-    in the Nyström solver and once per iteration of CG, MINRES or
-    normal-CG with ``tol``.
+    θ is left exactly as found, whatever the losses do (values, ``.grad``,
+    buffers, modes; :mod:`hyperopt_torch._inner`).  What the parameters mean
+    and what each guarantee costs: docs/api.md; the numbers: docs/benchmarks.md.
     """
     problem = _prepare(hparams, params, ihvp, generator, engine, residual if verify_ranks else None)
     hparams, inner, comm, plan, solver = problem
