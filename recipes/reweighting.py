@@ -46,11 +46,14 @@ from torch import Tensor, nn
 from hyperopt_torch import HyperOptimizer
 
 from . import common
-from .cifar import CLASSES, flip_labels, load_cifar10, long_tail_split
+from .cifar import CLASSES, flip_labels, load_cifar10, long_tail_split, pair_flip_labels
 from .data import DATASETS, load_split
+from .models import MLP, LeNet
 from .wideresnet import WideResNet
 
 DATASET_CHOICES = ("cifar10", *DATASETS)
+NOISE = {"uniform": flip_labels, "flip": pair_flip_labels}  # --noise-type
+ARCHS = ("wrn", "mlp", "lenet")
 LOSS_GRID = torch.linspace(0.0, 8.0, 81)  # losses at which the learned weight curve is recorded
 CURVES = ("val_loss", "train_loss", "weight_mean", "lr", "hvps", "seconds")
 
@@ -84,10 +87,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     task.add_argument("--meta-fraction", type=fraction, default=0.02,
                       help="share of the training data set aside as the balanced meta (validation) split")
     task.add_argument("--label-noise", type=fraction, default=0.0,
-                      help="share of training labels redrawn uniformly over the classes")
+                      help="share of training labels corrupted as --noise-type says")
+    task.add_argument("--noise-type", choices=tuple(NOISE), default="uniform",
+                      help="uniform: redraw the label over all classes; flip: c -> (c + 1) mod C (Shu et al. 2019)")
+    task.add_argument("--train-subset", type=common.positive_int, default=None,
+                      help="keep N random images of the training split (after the meta split and the long tail)")
     task.add_argument("--resize", type=common.positive_int, default=None,
                       help="resize every image to N x N (bilinear, antialiased); default: native size (the WRN "
                            "takes MNIST's 28 x 28 as it is)")
+    task.add_argument("--arch", choices=ARCHS, default="wrn",
+                      help="classifier: WideResNet (--depth, --width), MLP (--mlp-hidden) or LeNet (28 x 28 input)")
+    task.add_argument("--mlp-hidden", type=common.positive_int, nargs="+", default=[256],
+                      help="--arch mlp: hidden layer widths")
     task.add_argument("--depth", type=common.positive_int, default=28, help="WideResNet depth (6n + 4)")
     task.add_argument("--width", type=common.positive_int, default=10, help="WideResNet widening factor k")
     task.add_argument("--hidden", type=common.positive_int, default=100, help="hidden units of the weighting MLP")
@@ -120,7 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_data(args: argparse.Namespace, device: torch.device) -> dict:
     """Long-tailed training split, balanced meta split (both from the training data) and the test split.
 
-    Returns ``{"train": (x, y), "meta": (x, y), "test": (x, y), "counts": [...]}`` on ``device``.
+    Returns ``{"train": (x, y), "meta": (x, y), "test": (x, y), "counts": [...]}`` on ``device``, plus the
+    training split's uncorrupted labels ``"train_true_labels"``.
 
     Raises:
         DatasetMissing: the files are not under ``--data-root``.
@@ -143,11 +155,14 @@ def load_data(args: argparse.Namespace, device: torch.device) -> dict:
                                                   generator=split)
     except ValueError as error:
         raise common.RecipeError(f"--meta-fraction {args.meta_fraction}: {error}") from None
+    if args.train_subset is not None:
+        train_index = train_index[torch.randperm(len(train_index), generator=split)[:args.train_subset]]
     y_train = y[train_index]
     if args.label_noise > 0:
-        y_train = flip_labels(y_train, args.label_noise, num_classes, split)
+        y_train = NOISE[args.noise_type](y_train, args.label_noise, num_classes, split)
     return {
         "train": (x[train_index].to(device), y_train.to(device)),
+        "train_true_labels": y[train_index].to(device),  # which labels the noise changed: for train_stats
         "meta": (x[meta_index].to(device), y[meta_index].to(device)),
         "test": (x_test[:args.test_subset].to(device), y_test[:args.test_subset].to(device)),
         "counts": torch.bincount(y[train_index], minlength=num_classes).tolist(),
@@ -169,6 +184,22 @@ def augment(x: Tensor, generator: torch.Generator) -> Tensor:
 
 
 # -- models --------------------------------------------------------------------------------------
+def make_classifier(args: argparse.Namespace, num_classes: int, shape: tuple[int, int, int]) -> nn.Module:
+    """ν_θ for images of ``shape`` (channels, height, width), as ``--arch`` says.
+
+    Raises:
+        ValueError: an invalid WideResNet depth, or LeNet on images other than 28 x 28.
+    """
+    channels, height, width = shape
+    if args.arch == "mlp":
+        return MLP(channels * height * width, args.mlp_hidden, num_classes)
+    if args.arch == "lenet":
+        if (height, width) != (28, 28):
+            raise ValueError(f"--arch lenet takes 28 x 28 images, got {height} x {width}: drop --resize")
+        return LeNet(channels, num_classes)
+    return WideResNet(args.depth, args.width, num_classes, channels=channels)
+
+
 class WeightNet(nn.Sequential):
     """μ_φ: a sample's loss ``(N,)`` ↦ its weight in (0, 1), ``(N,)``; MLP 1 → hidden → 1, ReLU, sigmoid."""
 
@@ -214,6 +245,41 @@ def evaluate(model: nn.Module, split: tuple[Tensor, Tensor], num_classes: int, a
     return (correct.sum() / len(y)).item(), (correct / totals).tolist()
 
 
+@torch.no_grad()
+def train_stats(model: nn.Module, weight_net: nn.Module | None, split: tuple[Tensor, Tensor], true_labels: Tensor,
+                num_classes: int, amp: bool) -> dict:
+    """What the classifier has fitted, and what μ_φ weighs, on the training split, by clean / corrupted label.
+
+    One pass over ``split`` in eval mode (the mode is restored).  ``loss_*``: mean cross-entropy on the
+    label trained on; ``fit_*``: share of samples predicted as that label (``fit_noisy`` near 1 means the
+    corrupted labels are memorised); ``weight_*``: mean μ_φ(ℓ_i) (``None`` without a weighting net);
+    ``weight_per_class``: mean μ_φ(ℓ_i) per true class.  ``*_noisy`` is ``None`` when no label was corrupted.
+    """
+    was_training = model.training
+    model.eval()
+    x, y = split
+    losses, hits = [], []
+    for i in range(0, len(x), 500):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x[i:i + 500]).float()
+        losses.append(F.cross_entropy(logits, y[i:i + 500], reduction="none"))
+        hits.append((logits.argmax(1) == y[i:i + 500]).float())
+    model.train(was_training)
+    losses, hits = torch.cat(losses), torch.cat(hits)
+    weights = weight_net(losses) if weight_net is not None else None
+    noisy = y != true_labels
+    stats = {}
+    for name, mask in (("clean", ~noisy), ("noisy", noisy)):
+        some = bool(mask.any())
+        stats[f"loss_{name}"] = losses[mask].mean().item() if some else None
+        stats[f"fit_{name}"] = hits[mask].mean().item() if some else None
+        stats[f"weight_{name}"] = weights[mask].mean().item() if some and weights is not None else None
+    stats["weight_per_class"] = None if weights is None else (
+        torch.zeros(num_classes, device=y.device).index_add_(0, true_labels, weights)
+        / torch.bincount(true_labels, minlength=num_classes).clamp(min=1)).tolist()
+    return stats
+
+
 # -- one run -------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -228,7 +294,7 @@ def main(argv=None) -> dict:
         # Models: the classifier θ (initialised from --seed) and the weighting net φ.
         torch.manual_seed(args.seed)
         try:
-            model = WideResNet(args.depth, args.width, num_classes, channels=data["train"][0].shape[1]).to(device)
+            model = make_classifier(args, num_classes, tuple(data["train"][0].shape[1:])).to(device)
             # Under torchrun: DDP, each rank training on its share of every batch (BatchNorm's batch
             # statistics are then per share, as in any DDP run without SyncBatchNorm).
             model = common.data_parallel(model)
@@ -246,6 +312,7 @@ def main(argv=None) -> dict:
     checkpoint = common.Checkpoint(out, f"{method}-seed{args.seed}", resume=args.resume)
     curves = {name: [] for name in (*CURVES, "eval_step", "test_acc")}
     weight_curves = []  # μ_φ on LOSS_GRID at every evaluation
+    stats = []  # train_stats at every evaluation
     state = checkpoint.load()
     if state is not None:
         network.load_state_dict(state["model"])
@@ -253,12 +320,13 @@ def main(argv=None) -> dict:
         weight_net.load_state_dict(state["weight_net"])
         hopt.load_state_dict(state["hopt"])
         batches.set_state(state["batches"])
-        curves, weight_curves = state["curves"], state["weight_curves"]
+        curves, weight_curves, stats = state["curves"], state["weight_curves"], state.get("train_stats", [])
 
     def save() -> None:
         checkpoint.save({"model": network.state_dict(), "inner_opt": inner_opt.state_dict(),
                          "weight_net": weight_net.state_dict(), "hopt": hopt.state_dict(),
-                         "batches": batches.get_state(), "curves": curves, "weight_curves": weight_curves})
+                         "batches": batches.get_state(), "curves": curves, "weight_curves": weight_curves,
+                         "train_stats": stats})
 
     def train_batch() -> tuple[Tensor, Tensor]:
         x, y = data["train"]
@@ -313,6 +381,8 @@ def main(argv=None) -> dict:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.outer_steps:
             curves["eval_step"].append(step + 1)
             curves["test_acc"].append(evaluate(model, data["test"], num_classes, args.amp)[0])
+            stats.append({"step": step + 1, **train_stats(model, None if args.baseline else weight_net, data["train"],
+                                                          data["train_true_labels"], num_classes, args.amp)})
             if not args.baseline:
                 with torch.no_grad():
                     weight_curves.append({"step": step + 1, "weights": weight_net(LOSS_GRID.to(device)).tolist()})
@@ -341,7 +411,7 @@ def main(argv=None) -> dict:
     }
     metrics = {"recipe": "reweighting", "method": method, "dataset": args.dataset, "imbalance": args.imbalance,
                "outer_steps": args.outer_steps, "final": final, "curves": curves,
-               "loss_grid": LOSS_GRID.tolist(), "weight_curves": weight_curves}
+               "loss_grid": LOSS_GRID.tolist(), "weight_curves": weight_curves, "train_stats": stats}
     common.write_json(out / "metrics.json", metrics)
     if common.is_main():
         print(f"{method}: test accuracy {test_acc:.4f} after {final['inner_steps']} inner steps; per class "

@@ -16,7 +16,7 @@ from torch.func import functional_call, grad, hessian, jacrev
 
 from hyperopt_torch import implicit_hypergradient, make_solver
 from recipes import reweighting
-from recipes.cifar import FOLDER, load_cifar10, long_tail_counts, long_tail_split, write_cifar10
+from recipes.cifar import FOLDER, load_cifar10, long_tail_counts, long_tail_split, pair_flip_labels, write_cifar10
 from recipes.data import write_idx_dataset
 from recipes.wideresnet import WideResNet
 
@@ -165,6 +165,38 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, data_root):
         assert resumed["curves"][name] == straight["curves"][name]
     assert resumed["weight_curves"] == straight["weight_curves"]
     assert resumed["final"]["per_class_acc"] == straight["final"]["per_class_acc"]
+
+
+def test_pair_flip_moves_each_corrupted_label_to_the_next_class():
+    labels = torch.arange(10).repeat(200)
+    noisy = pair_flip_labels(labels, 0.4, 10, torch.Generator().manual_seed(0))
+    changed = noisy != labels
+    assert torch.equal(noisy[changed], (labels[changed] + 1) % 10)  # one fixed target per class
+    assert 0.35 < changed.float().mean().item() < 0.45
+
+
+def test_flip_noise_with_an_mlp_records_clean_and_noisy_weights(tmp_path, data_root):
+    flags = ["--dataset", "mnist", "--data-root", str(data_root), "--outer-steps", "2", *TINY, "--imbalance", "1",
+             "--arch", "mlp", "--mlp-hidden", "32", "--label-noise", "0.4", "--noise-type", "flip",
+             "--train-subset", "300"]
+    run = reweighting.main([*flags, "--out", str(tmp_path / "mlp")])
+    assert sum(run["final"]["train_counts"]) == 300
+    assert 0.3 < run["final"]["label_noise_actual"] < 0.5  # flip noise always changes the label
+    stats = run["train_stats"]
+    assert [s["step"] for s in stats] == [2]  # at every evaluation
+    for key in ("weight_clean", "weight_noisy", "loss_clean", "loss_noisy", "fit_clean", "fit_noisy"):
+        assert 0.0 <= stats[0][key] < 10.0
+    assert len(stats[0]["weight_per_class"]) == 10 and all(0 < w < 1 for w in stats[0]["weight_per_class"])
+    base = reweighting.main([*flags, "--baseline", "--out", str(tmp_path / "base")])
+    assert base["train_stats"][0]["weight_clean"] is None and base["train_stats"][0]["fit_noisy"] is not None
+    clean = reweighting.main([*flags[:-6], "--train-subset", "300", "--baseline", "--out", str(tmp_path / "clean")])
+    assert clean["train_stats"][0]["loss_noisy"] is None and clean["final"]["label_noise_actual"] == 0.0
+
+
+def test_lenet_refuses_resized_images_with_one_line(tmp_path, data_root):
+    with pytest.raises(SystemExit, match="^error: --arch lenet takes 28 x 28 images, got 16 x 16"):
+        reweighting.main(["--dataset", "mnist", "--data-root", str(data_root), "--outer-steps", "1", *TINY,
+                          "--arch", "lenet", "--out", str(tmp_path)])
 
 
 def test_bad_values_and_missing_data_exit_with_one_line(tmp_path, data_root):
