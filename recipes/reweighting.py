@@ -104,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     task.add_argument("--hidden", type=common.positive_int, default=100, help="hidden units of the weighting MLP")
     task.add_argument("--batch-size", type=common.positive_int, default=100, help="training mini-batch")
     task.add_argument("--meta-batch", type=common.positive_int, default=100, help="meta mini-batch per hypergradient")
+    task.add_argument("--weight-norm", choices=("batch", "sum"), default="batch",
+                      help="divide the weighted loss by the batch size (Shu et al.'s current code) or by the sum of "
+                           "the weights (their first version: only relative weights matter)")
     task.add_argument("--hyper-every", type=common.positive_int, default=10,
                       help="inner SGD steps per outer step (inner steps = outer steps x this)")
     task.add_argument("--inner-lr", type=common.positive_float, default=0.1, help="inner SGD learning rate")
@@ -218,15 +221,25 @@ def sample_losses(model: nn.Module, x: Tensor, y: Tensor, amp: bool) -> Tensor:
     return F.cross_entropy(logits.float() if amp else logits, y, reduction="none")
 
 
+def weighted_loss(weights: Tensor, losses: Tensor, norm: str = "batch") -> Tensor:
+    """Σ w_i ℓ_i / |B| (``norm="batch"``) or Σ w_i ℓ_i / Σ w_i (``"sum"``), a scalar tensor.
+
+    With ``"batch"`` a larger weight everywhere is a larger step: μ_φ can lower the meta loss just by
+    growing, the short-horizon pull towards a larger learning rate.  ``"sum"`` leaves only relative weights.
+    """
+    return (weights * losses).sum() / weights.sum() if norm == "sum" else (weights * losses).mean()
+
+
 def inner_objective(model: nn.Module, weight_net: nn.Module, x: Tensor, y: Tensor, weight_decay: float,
-                    amp: bool = False) -> Tensor:
-    """f(θ, φ) = (1/|B|) Σ μ_φ(sg[ℓ_i]) ℓ_i + (λ/2)‖θ‖² on the batch ``(x, y)``, a scalar tensor.
+                    amp: bool = False, norm: str = "batch") -> Tensor:
+    """f(θ, φ) = (1/|B|) Σ μ_φ(sg[ℓ_i]) ℓ_i + (λ/2)‖θ‖² on the batch ``(x, y)``, a scalar tensor
+    (with ``norm="sum"`` the first term divides by Σ μ_φ(sg[ℓ_i]) instead of |B|).
 
     φ enters only through the weights; μ_φ sees the detached loss values (module docstring)."""
     losses = sample_losses(model, x, y, amp)
     # SGD's weight_decay is the gradient of (λ/2)‖θ‖²: with it, ∇_θ f is the inner step's direction.
     decay = 0.5 * weight_decay * sum(p.square().sum() for p in model.parameters())
-    return (weight_net(losses.detach()) * losses).mean() + decay
+    return weighted_loss(weight_net(losses.detach()), losses, norm) + decay
 
 
 @torch.no_grad()
@@ -351,7 +364,7 @@ def main(argv=None) -> dict:
             losses = sample_losses(model, x, y, args.amp)
             weights = torch.ones_like(losses) if args.baseline else weight_net(losses.detach()).detach()
             inner_opt.zero_grad()
-            (weights * losses).mean().backward()
+            weighted_loss(weights, losses, args.weight_norm).backward()
             inner_opt.step()
             plain = plain + losses.detach().mean()
             weight_sum = weight_sum + weights.mean()
@@ -364,7 +377,7 @@ def main(argv=None) -> dict:
             return sample_losses(m, common.shard(x_meta[meta_index]), common.shard(y_meta[meta_index]), args.amp).mean()
 
         def train_loss_fn(m: nn.Module) -> Tensor:
-            return inner_objective(m, weight_net, x, y, args.weight_decay, args.amp)
+            return inner_objective(m, weight_net, x, y, args.weight_decay, args.amp, args.weight_norm)
 
         if args.baseline:
             with torch.no_grad():

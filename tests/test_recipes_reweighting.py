@@ -83,9 +83,11 @@ def test_augment_crops_a_window_of_the_padded_image_or_its_mirror():
 
 
 # -- the hypergradient ---------------------------------------------------------------------------
-def test_meta_weight_net_hypergradient_matches_a_dense_solve_in_float64():
-    """Eq. 3 for f(θ, φ) = mean μ_φ(sg[ℓ_i]) ℓ_i + λ/2 ‖θ‖² on a softmax classifier, written out here
-    independently of the recipe: dense Hessian and mixed Jacobian from torch.func, solved exactly."""
+@pytest.mark.parametrize("norm", ["batch", "sum"])
+def test_meta_weight_net_hypergradient_matches_a_dense_solve_in_float64(norm):
+    """Eq. 3 for f(θ, φ) = mean μ_φ(sg[ℓ_i]) ℓ_i + λ/2 ‖θ‖² (``sum``: Σ μ_φ ℓ_i / Σ μ_φ + ...) on a softmax
+    classifier, written out here independently of the recipe: dense Hessian and mixed Jacobian from
+    torch.func, solved exactly."""
     g = torch.Generator().manual_seed(0)
     dt, lam = torch.float64, 1e-2
     x, y = torch.randn(40, 6, generator=g, dtype=dt), torch.randint(3, (40,), generator=g)
@@ -100,7 +102,8 @@ def test_meta_weight_net_hypergradient_matches_a_dense_solve_in_float64():
         losses = F.cross_entropy(functional_call(model, theta, (x,)), y, reduction="none")
         hidden = torch.relu(losses.detach()[:, None] * phi["0.weight"].T + phi["0.bias"])
         weights = torch.sigmoid(hidden @ phi["2.weight"].T + phi["2.bias"]).squeeze(1)
-        return (weights * losses).mean() + 0.5 * lam * sum(t.square().sum() for t in theta.values())
+        data = (weights * losses).mean() if norm == "batch" else (weights * losses).sum() / weights.sum()
+        return data + 0.5 * lam * sum(t.square().sum() for t in theta.values())
 
     def g_val(theta):
         return F.cross_entropy(functional_call(model, theta, (xv,)), yv)
@@ -120,7 +123,7 @@ def test_meta_weight_net_hypergradient_matches_a_dense_solve_in_float64():
 
     result = implicit_hypergradient(
         list(weight_net.parameters()),
-        lambda m: reweighting.inner_objective(m, weight_net, x, y, lam),
+        lambda m: reweighting.inner_objective(m, weight_net, x, y, lam, norm=norm),
         lambda m: F.cross_entropy(m(xv), yv), model, make_solver("exact", rho=0.0))
     got = torch.cat([t.reshape(-1) for t in result.grads])
     assert expected.norm() > 1e-4  # a hypergradient that is really there
@@ -179,7 +182,7 @@ def test_flip_noise_with_an_mlp_records_clean_and_noisy_weights(tmp_path, data_r
     flags = ["--dataset", "mnist", "--data-root", str(data_root), "--outer-steps", "2", *TINY, "--imbalance", "1",
              "--arch", "mlp", "--mlp-hidden", "32", "--label-noise", "0.4", "--noise-type", "flip",
              "--train-subset", "300"]
-    run = reweighting.main([*flags, "--out", str(tmp_path / "mlp")])
+    run = reweighting.main([*flags, "--weight-norm", "sum", "--out", str(tmp_path / "mlp")])
     assert sum(run["final"]["train_counts"]) == 300
     assert 0.3 < run["final"]["label_noise_actual"] < 0.5  # flip noise always changes the label
     stats = run["train_stats"]
