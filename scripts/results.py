@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 SOLVERS = ("nystrom", "cg", "neumann")
-COLORS = {"baseline": "tab:gray", "nystrom": "tab:blue", "cg": "tab:orange", "neumann": "tab:green",
-          "no meta-learning": "tab:gray", "clean": "black"}
+COLORS = {"baseline": "tab:gray", "nystrom": "tab:blue", "cg": "tab:orange", "neumann": "tab:green", "identity": "tab:red",
+          "no meta-learning": "tab:gray", "clean": "black", "ceiling": "tab:purple"}
 
 # iMAML: Table 3 of the paper is Omniglot 5-way 1-shot after 1.6e6 tasks.
 IMAML = {"datasets": {"mnist": "MNIST", "fmnist": "Fashion-MNIST"},
@@ -35,17 +35,19 @@ DISTILLATION = {"paper": {"cg": (0.17, 0.04), "neumann": (0.47, 0.03), "nystrom"
 def _rows(key: str, clean: str, extra: str | None = None) -> list[tuple[str, str, str]]:
     rows = [("baseline (no reweighting)", "baseline", f"rw_{key}_baseline")]
     rows += [(m, m, f"rw_{key}_{m}") for m in SOLVERS]
+    rows += [("identity (H⁻¹ ≈ I: first order)", "identity", f"rw_{key}_identity")]
     if extra:
         rows += [(f"{m}, weights / Σ weights", m, f"rw_{extra}_{m}") for m in SOLVERS]
-    return rows + [("reference: 120 clean images only", "clean", f"rw_{clean}")]
+    return rows + [("reference: 120 clean images only", "clean", f"rw_{clean}120"),
+                   ("ceiling: the 20,000 images with clean labels", "ceiling", f"rw_{clean}20k")]
 
 
 REWEIGHTING = {
-    "mnist_u60": {"title": "MNIST, 60 % uniform label noise", "rows": _rows("mnist_u60", "mnist_clean120")},
+    "mnist_u60": {"title": "MNIST, 60 % uniform label noise", "rows": _rows("mnist_u60", "mnist_clean")},
     "fmnist_u60": {"title": "Fashion-MNIST, 60 % uniform label noise",
-                   "rows": _rows("fmnist_u60", "fmnist_clean120")},
+                   "rows": _rows("fmnist_u60", "fmnist_clean")},
     "fmnist_f40": {"title": "Fashion-MNIST, 40 % flip noise (c → c+1)",
-                   "rows": _rows("fmnist_f40", "fmnist_clean120", extra="fmnist_f40sum")},
+                   "rows": _rows("fmnist_f40", "fmnist_clean", extra="fmnist_f40sum")},
 }
 
 
@@ -166,7 +168,7 @@ def plot_imaml(path: Path, result: dict) -> None:
         ax.axhline(0.2, color="gray", linestyle=":", linewidth=1)
         ax.text(len(r["rows"]) - 0.5, 0.21, "chance (5-way)", fontsize=8, ha="right", color="gray")
         ax.set(ylim=(0, 1), xlim=(-0.5, len(r["rows"]) - 0.3), ylabel="meta-test accuracy",
-               title=f"iMAML, {r['dataset']} 5-way 1-shot\n{len(r['seeds'])} seeds (dots), mean ± 95 % CI")
+               title=f"iMAML, {r['dataset']} 5-way 1-shot\n{len(r['seeds'])} seeds (dots); mean ± 95 % CI over seeds")
         ax.grid(alpha=0.3, axis="y")
     fig.savefig(path, dpi=110)
 
@@ -274,10 +276,10 @@ def reweighting(runs: Path) -> dict:
                    "train_size": sum(ms[0]["final"]["train_counts"]), "meta_size": ms[0]["final"]["meta_size"],
                    "cpu_seconds": [cpu_seconds(runs, f) for f in found.values()],
                    "command": command(next(iter(found.values())), next(iter(found)))}
-            if method != "clean":
+            if method not in ("clean", "ceiling"):
                 for name in ("fit_noisy", "fit_clean", "loss_noisy", "loss_clean"):
                     row[name] = stat_curve(ms, name)
-            if method in SOLVERS:
+            if method in (*SOLVERS, "identity"):
                 for name in ("weight_clean", "weight_noisy"):
                     row[name] = stat_curve(ms, name)
             rows[label] = row
@@ -323,7 +325,8 @@ def plot_reweighting(path: Path, r: dict) -> None:
     axes = fig.subplots(1, 4 if summed else 3)
     acc, weights, fitted = axes[0], axes[1], axes[-1]
     for label, row in rows.items():
-        color, style = COLORS[row["method"]], "-."  if label in summed else ("--" if row["method"] == "clean" else "-")
+        color = COLORS[row["method"]]
+        style = "-." if label in summed else ("--" if row["method"] in ("clean", "ceiling") else "-")
         band(acc, row["inner_step"], row["test_acc_curve"], color, f"{label} ({len(row['seeds'])})", style)
         if "fit_noisy" in row:
             band(fitted, row["inner_step"], row["fit_noisy"], color, label, style)
@@ -333,10 +336,10 @@ def plot_reweighting(path: Path, r: dict) -> None:
             band(ax, row["inner_step"], row["weight_noisy"], color, f"{label}: corrupted", ":")
     acc.set(ylabel="test accuracy", ylim=(0, 1),
             title=f"{r['title']}\ntest accuracy, mean ± std over seeds (count)")
-    weights.set(ylabel="mean μ_φ(ℓ_i) over the training samples", ylim=(0, 1),
+    weights.set(ylabel=r"mean $\mu_\phi(\ell_i)$ over the training samples", ylim=(0, 1),
                 title="weights of clean (solid) and corrupted (dotted) labels")
     if summed:
-        axes[2].set(ylabel="mean μ_φ(ℓ_i) over the training samples", ylim=(0, 1),
+        axes[2].set(ylabel=r"mean $\mu_\phi(\ell_i)$ over the training samples", ylim=(0, 1),
                     title="the same, weights / Σ weights")
     fitted.set(ylabel="share of corrupted labels predicted as labelled", ylim=(0, 1),
                title="memorisation of the corrupted labels")
