@@ -158,7 +158,6 @@ def plot_imaml(path: Path, result: dict) -> None:
     axes = fig.subplots(1, len(result), squeeze=False)[0]
     for ax, r in zip(axes, result.values()):
         for i, (method, row) in enumerate(r["rows"].items()):
-            label = "no meta-\nlearning" if method == "baseline" else method
             color = COLORS[method]
             ax.scatter([i] * row["n"], row["values"], color=color, alpha=0.45, s=18, zorder=2)
             ax.errorbar(i, row["mean"], yerr=row["ci95_seeds"], fmt="o", color=color, capsize=6, markersize=8,
