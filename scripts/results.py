@@ -6,7 +6,8 @@ reads ``<runs>/<folder>/metrics.json`` (and ``config.json``) of every run in
 :data:`TABLES`, and the ``/usr/bin/time -v`` log of each run in
 ``<runs>/logs/*_<folder>.log`` for its CPU time (user + system).  It writes one
 summary per recipe to ``docs/results/results_<recipe>.json``, the plots to
-``docs/img/results_*.png``, and prints the markdown tables of docs/results.md.
+``docs/img/results_*.png``, and the markdown tables into docs/results.md, between the lines
+``<!-- results:<recipe> -->`` and ``<!-- /results:<recipe> -->`` (and prints them).
 Seeds are found by globbing ``<folder>_s<seed>``; a table reports what it finds
 and says how many seeds that was.
 """
@@ -320,8 +321,8 @@ def plot_reweighting(path: Path, r: dict) -> None:
 
     rows = r["rows"]
     summed = [label for label in rows if "Σ" in label]
-    fig = Figure(figsize=(5.0 * (4 if summed else 3), 4.2), layout="constrained")
-    axes = fig.subplots(1, 4 if summed else 3)
+    fig = Figure(figsize=(12.0, 8.4) if summed else (15.0, 4.2), layout="constrained")
+    axes = fig.subplots(2, 2).flatten() if summed else fig.subplots(1, 3)
     acc, weights, fitted = axes[0], axes[1], axes[-1]
     for label, row in rows.items():
         color = COLORS[row["method"]]
@@ -351,6 +352,16 @@ def plot_reweighting(path: Path, r: dict) -> None:
 
 
 # -- main ----------------------------------------------------------------------------------------
+def fill(doc: Path, name: str, table: str) -> None:
+    """Put ``table`` between the ``<!-- results:name -->`` and ``<!-- /results:name -->`` lines of ``doc``."""
+    text = doc.read_text()
+    start, end = f"<!-- results:{name} -->\n", f"<!-- /results:{name} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{doc} has no {start.strip()} ... {end} block")
+    head, rest = text.split(start, 1)
+    doc.write_text(head + start + table.rstrip("\n") + "\n" + end + rest.split(end, 1)[1])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the run folders and logs/")
@@ -366,6 +377,7 @@ def main(argv=None) -> None:
             continue
         (args.docs / "results" / f"results_{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"## {name}\n\n{table(result)}\n")
+        fill(args.docs / "results.md", name, table(result))
         if name == "imaml":
             plot_imaml(args.docs / "img" / "results_imaml.png", result)
         elif name == "distillation":
