@@ -168,3 +168,13 @@ def flip_labels(labels: Tensor, fraction: float, num_classes: int, generator: to
     flip = torch.rand(len(labels), generator=generator) < fraction
     random = torch.randint(num_classes, (len(labels),), generator=generator)
     return torch.where(flip, random, labels)
+
+
+def pair_flip_labels(labels: Tensor, fraction: float, num_classes: int, generator: torch.Generator) -> Tensor:
+    """Flip noise (Shu et al. 2019's "flip" corruption, one fixed target per class): each label ``c``
+    becomes ``(c + 1) mod num_classes`` with probability ``fraction``.  Shu et al.'s code draws each
+    class's target at random; a fixed cyclic pairing is the same corruption up to relabelling.
+    Unlike uniform noise it is systematic: above ``fraction`` 0.5 the wrong class is the majority label,
+    so no reweighting by loss can recover it.  Returns a new tensor."""
+    flip = torch.rand(len(labels), generator=generator) < fraction
+    return torch.where(flip, (labels + 1) % num_classes, labels)

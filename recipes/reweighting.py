@@ -46,11 +46,14 @@ from torch import Tensor, nn
 from hyperopt_torch import HyperOptimizer
 
 from . import common
-from .cifar import CLASSES, flip_labels, load_cifar10, long_tail_split
+from .cifar import CLASSES, flip_labels, load_cifar10, long_tail_split, pair_flip_labels
 from .data import DATASETS, load_split
+from .models import MLP, LeNet
 from .wideresnet import WideResNet
 
 DATASET_CHOICES = ("cifar10", *DATASETS)
+NOISE = {"uniform": flip_labels, "flip": pair_flip_labels}  # --noise-type
+ARCHS = ("wrn", "mlp", "lenet")
 LOSS_GRID = torch.linspace(0.0, 8.0, 81)  # losses at which the learned weight curve is recorded
 CURVES = ("val_loss", "train_loss", "weight_mean", "lr", "hvps", "seconds")
 
@@ -84,15 +87,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     task.add_argument("--meta-fraction", type=fraction, default=0.02,
                       help="share of the training data set aside as the balanced meta (validation) split")
     task.add_argument("--label-noise", type=fraction, default=0.0,
-                      help="share of training labels redrawn uniformly over the classes")
+                      help="share of training labels corrupted as --noise-type says")
+    task.add_argument("--noise-type", choices=tuple(NOISE), default="uniform",
+                      help="uniform: redraw the label over all classes; flip: c -> (c + 1) mod C (Shu et al. 2019)")
+    task.add_argument("--train-subset", type=common.positive_int, default=None,
+                      help="keep N random images of the training split (after the meta split and the long tail)")
     task.add_argument("--resize", type=common.positive_int, default=None,
                       help="resize every image to N x N (bilinear, antialiased); default: native size (the WRN "
                            "takes MNIST's 28 x 28 as it is)")
+    task.add_argument("--arch", choices=ARCHS, default="wrn",
+                      help="classifier: WideResNet (--depth, --width), MLP (--mlp-hidden) or LeNet (28 x 28 input)")
+    task.add_argument("--mlp-hidden", type=common.positive_int, nargs="+", default=[256],
+                      help="--arch mlp: hidden layer widths")
     task.add_argument("--depth", type=common.positive_int, default=28, help="WideResNet depth (6n + 4)")
     task.add_argument("--width", type=common.positive_int, default=10, help="WideResNet widening factor k")
     task.add_argument("--hidden", type=common.positive_int, default=100, help="hidden units of the weighting MLP")
     task.add_argument("--batch-size", type=common.positive_int, default=100, help="training mini-batch")
     task.add_argument("--meta-batch", type=common.positive_int, default=100, help="meta mini-batch per hypergradient")
+    task.add_argument("--weight-norm", choices=("batch", "sum"), default="batch",
+                      help="divide the weighted loss by the batch size (Shu et al.'s current code) or by the sum of "
+                           "the weights (their first version: only relative weights matter)")
     task.add_argument("--hyper-every", type=common.positive_int, default=10,
                       help="inner SGD steps per outer step (inner steps = outer steps x this)")
     task.add_argument("--inner-lr", type=common.positive_float, default=0.1, help="inner SGD learning rate")
@@ -122,7 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_data(args: argparse.Namespace, device: torch.device) -> dict:
     """Long-tailed training split, balanced meta split (both from the training data) and the test split.
 
-    Returns ``{"train": (x, y), "meta": (x, y), "test": (x, y), "counts": [...]}`` on ``device``.
+    Returns ``{"train": (x, y), "meta": (x, y), "test": (x, y), "counts": [...]}`` on ``device``, plus the
+    training split's uncorrupted labels ``"train_true_labels"``.
 
     Raises:
         DatasetMissing: the files are not under ``--data-root``.
@@ -146,11 +161,14 @@ def load_data(args: argparse.Namespace, device: torch.device) -> dict:
                                                   generator=split)
     except ValueError as error:
         raise common.RecipeError(f"--meta-fraction {args.meta_fraction}: {error}") from None
+    if args.train_subset is not None:
+        train_index = train_index[torch.randperm(len(train_index), generator=split)[:args.train_subset]]
     y_train = y[train_index]
     if args.label_noise > 0:
-        y_train = flip_labels(y_train, args.label_noise, num_classes, split)
+        y_train = NOISE[args.noise_type](y_train, args.label_noise, num_classes, split)
     return {
         "train": (x[train_index].to(device), y_train.to(device)),
+        "train_true_labels": y[train_index].to(device),  # which labels the noise changed: for train_stats
         "meta": (x[meta_index].to(device), y[meta_index].to(device)),
         "test": (x_test[:args.test_subset].to(device), y_test[:args.test_subset].to(device)),
         "counts": torch.bincount(y[train_index], minlength=num_classes).tolist(),
@@ -172,6 +190,22 @@ def augment(x: Tensor, generator: torch.Generator) -> Tensor:
 
 
 # -- models --------------------------------------------------------------------------------------
+def make_classifier(args: argparse.Namespace, num_classes: int, shape: tuple[int, int, int]) -> nn.Module:
+    """ν_θ for images of ``shape`` (channels, height, width), as ``--arch`` says.
+
+    Raises:
+        ValueError: an invalid WideResNet depth, or LeNet on images other than 28 x 28.
+    """
+    channels, height, width = shape
+    if args.arch == "mlp":
+        return MLP(channels * height * width, args.mlp_hidden, num_classes)
+    if args.arch == "lenet":
+        if (height, width) != (28, 28):
+            raise ValueError(f"--arch lenet takes 28 x 28 images, got {height} x {width}: drop --resize")
+        return LeNet(channels, num_classes)
+    return WideResNet(args.depth, args.width, num_classes, channels=channels)
+
+
 class WeightNet(nn.Sequential):
     """μ_φ: a sample's loss ``(N,)`` ↦ its weight in (0, 1), ``(N,)``; MLP 1 → hidden → 1, ReLU, sigmoid."""
 
@@ -190,15 +224,25 @@ def sample_losses(model: nn.Module, x: Tensor, y: Tensor, amp: bool) -> Tensor:
     return F.cross_entropy(logits.float() if amp else logits, y, reduction="none")
 
 
+def weighted_loss(weights: Tensor, losses: Tensor, norm: str = "batch") -> Tensor:
+    """Σ w_i ℓ_i / |B| (``norm="batch"``) or Σ w_i ℓ_i / Σ w_i (``"sum"``), a scalar tensor.
+
+    With ``"batch"`` a larger weight everywhere is a larger step: μ_φ can lower the meta loss just by
+    growing, the short-horizon pull towards a larger learning rate.  ``"sum"`` leaves only relative weights.
+    """
+    return (weights * losses).sum() / weights.sum() if norm == "sum" else (weights * losses).mean()
+
+
 def inner_objective(model: nn.Module, weight_net: nn.Module, x: Tensor, y: Tensor, weight_decay: float,
-                    amp: bool = False) -> Tensor:
-    """f(θ, φ) = (1/|B|) Σ μ_φ(sg[ℓ_i]) ℓ_i + (λ/2)‖θ‖² on the batch ``(x, y)``, a scalar tensor.
+                    amp: bool = False, norm: str = "batch") -> Tensor:
+    """f(θ, φ) = (1/|B|) Σ μ_φ(sg[ℓ_i]) ℓ_i + (λ/2)‖θ‖² on the batch ``(x, y)``, a scalar tensor
+    (with ``norm="sum"`` the first term divides by Σ μ_φ(sg[ℓ_i]) instead of |B|).
 
     φ enters only through the weights; μ_φ sees the detached loss values (module docstring)."""
     losses = sample_losses(model, x, y, amp)
     # SGD's weight_decay is the gradient of (λ/2)‖θ‖²: with it, ∇_θ f is the inner step's direction.
     decay = 0.5 * weight_decay * sum(p.square().sum() for p in model.parameters())
-    return (weight_net(losses.detach()) * losses).mean() + decay
+    return weighted_loss(weight_net(losses.detach()), losses, norm) + decay
 
 
 @torch.no_grad()
@@ -217,6 +261,41 @@ def evaluate(model: nn.Module, split: tuple[Tensor, Tensor], num_classes: int, a
     return (correct.sum() / len(y)).item(), (correct / totals).tolist()
 
 
+@torch.no_grad()
+def train_stats(model: nn.Module, weight_net: nn.Module | None, split: tuple[Tensor, Tensor], true_labels: Tensor,
+                num_classes: int, amp: bool) -> dict:
+    """What the classifier has fitted, and what μ_φ weighs, on the training split, by clean / corrupted label.
+
+    One pass over ``split`` in eval mode (the mode is restored).  ``loss_*``: mean cross-entropy on the
+    label trained on; ``fit_*``: share of samples predicted as that label (``fit_noisy`` near 1 means the
+    corrupted labels are memorised); ``weight_*``: mean μ_φ(ℓ_i) (``None`` without a weighting net);
+    ``weight_per_class``: mean μ_φ(ℓ_i) per true class.  ``*_noisy`` is ``None`` when no label was corrupted.
+    """
+    was_training = model.training
+    model.eval()
+    x, y = split
+    losses, hits = [], []
+    for i in range(0, len(x), 500):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x[i:i + 500]).float()
+        losses.append(F.cross_entropy(logits, y[i:i + 500], reduction="none"))
+        hits.append((logits.argmax(1) == y[i:i + 500]).float())
+    model.train(was_training)
+    losses, hits = torch.cat(losses), torch.cat(hits)
+    weights = weight_net(losses) if weight_net is not None else None
+    noisy = y != true_labels
+    stats = {}
+    for name, mask in (("clean", ~noisy), ("noisy", noisy)):
+        some = bool(mask.any())
+        stats[f"loss_{name}"] = losses[mask].mean().item() if some else None
+        stats[f"fit_{name}"] = hits[mask].mean().item() if some else None
+        stats[f"weight_{name}"] = weights[mask].mean().item() if some and weights is not None else None
+    stats["weight_per_class"] = None if weights is None else (
+        torch.zeros(num_classes, device=y.device).index_add_(0, true_labels, weights)
+        / torch.bincount(true_labels, minlength=num_classes).clamp(min=1)).tolist()
+    return stats
+
+
 # -- one run -------------------------------------------------------------------------------------
 @common.command
 def main(argv=None) -> dict:
@@ -231,7 +310,7 @@ def main(argv=None) -> dict:
     # Models: the classifier θ (initialised from --seed) and the weighting net φ.
     torch.manual_seed(args.seed)
     try:
-        model = WideResNet(args.depth, args.width, num_classes, channels=data["train"][0].shape[1]).to(device)
+        model = make_classifier(args, num_classes, tuple(data["train"][0].shape[1:])).to(device)
         # Under torchrun: DDP, each rank training on its share of every batch (BatchNorm's batch
         # statistics are then per share, as in any DDP run without SyncBatchNorm).
         model = common.fully_sharded(model) if args.fsdp else common.data_parallel(model)
@@ -249,19 +328,21 @@ def main(argv=None) -> dict:
     checkpoint = common.Checkpoint(args, f"{method}-seed{args.seed}")
     curves = {name: [] for name in (*CURVES, "eval_step", "test_acc")}
     weight_curves = []  # μ_φ on LOSS_GRID at every evaluation
+    stats = []  # train_stats at every evaluation
     state = checkpoint.load()
     if state is not None:
         common.load_state_dicts(network, inner_opt, state["model"], state["inner_opt"])
         weight_net.load_state_dict(state["weight_net"])
         hopt.load_state_dict(state["hopt"])
         batches.set_state(state["batches"])
-        curves, weight_curves = state["curves"], state["weight_curves"]
+        curves, weight_curves, stats = state["curves"], state["weight_curves"], state.get("train_stats", [])
 
     def save() -> None:
         model_state, inner_state = common.state_dicts(network, inner_opt)  # full ones under --fsdp
         checkpoint.save({"model": model_state, "inner_opt": inner_state,
                          "weight_net": weight_net.state_dict(), "hopt": hopt.state_dict(),
-                         "batches": batches.get_state(), "curves": curves, "weight_curves": weight_curves})
+                         "batches": batches.get_state(), "curves": curves, "weight_curves": weight_curves,
+                         "train_stats": stats})
 
     def train_batch() -> tuple[Tensor, Tensor]:
         x, y = data["train"]
@@ -286,7 +367,7 @@ def main(argv=None) -> dict:
             losses = sample_losses(model, x, y, args.amp)
             weights = torch.ones_like(losses) if args.baseline else weight_net(losses.detach()).detach()
             inner_opt.zero_grad()
-            (weights * losses).mean().backward()
+            weighted_loss(weights, losses, args.weight_norm).backward()
             inner_opt.step()
             plain = plain + losses.detach().mean()
             weight_sum = weight_sum + weights.mean()
@@ -299,7 +380,7 @@ def main(argv=None) -> dict:
             return sample_losses(m, common.shard(x_meta[meta_index]), common.shard(y_meta[meta_index]), args.amp).mean()
 
         def train_loss_fn(m: nn.Module) -> Tensor:
-            return inner_objective(m, weight_net, x, y, args.weight_decay, args.amp)
+            return inner_objective(m, weight_net, x, y, args.weight_decay, args.amp, args.weight_norm)
 
         if args.baseline:
             with torch.no_grad():
@@ -319,6 +400,8 @@ def main(argv=None) -> dict:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.outer_steps:
             curves["eval_step"].append(step + 1)
             curves["test_acc"].append(evaluate(model, data["test"], num_classes, args.amp)[0])
+            stats.append({"step": step + 1, **train_stats(model, None if args.baseline else weight_net, data["train"],
+                                                          data["train_true_labels"], num_classes, args.amp)})
             if not args.baseline:
                 with torch.no_grad():
                     weight_curves.append({"step": step + 1, "weights": weight_net(LOSS_GRID.to(device)).tolist()})
@@ -347,7 +430,7 @@ def main(argv=None) -> dict:
     }
     metrics = {"recipe": "reweighting", "method": method, "dataset": args.dataset, "imbalance": args.imbalance,
                "outer_steps": args.outer_steps, "final": final, "curves": curves,
-               "loss_grid": LOSS_GRID.tolist(), "weight_curves": weight_curves}
+               "loss_grid": LOSS_GRID.tolist(), "weight_curves": weight_curves, "train_stats": stats}
     common.write_json(out / "metrics.json", metrics)
     if common.is_main():
         print(f"{method}: test accuracy {test_acc:.4f} after {final['inner_steps']} inner steps; per class "

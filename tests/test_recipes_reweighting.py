@@ -16,7 +16,7 @@ from torch.func import functional_call, grad, hessian, jacrev
 
 from hyperopt_torch import implicit_hypergradient, make_solver
 from recipes import reweighting
-from recipes.cifar import FOLDER, load_cifar10, long_tail_counts, long_tail_split, write_cifar10
+from recipes.cifar import FOLDER, load_cifar10, long_tail_counts, long_tail_split, pair_flip_labels, write_cifar10
 from recipes.data import DataError, write_idx_dataset
 from recipes.wideresnet import WideResNet
 
@@ -101,9 +101,11 @@ def test_augment_crops_a_window_of_the_padded_image_or_its_mirror():
 
 
 # -- the hypergradient ---------------------------------------------------------------------------
-def test_meta_weight_net_hypergradient_matches_a_dense_solve_in_float64():
-    """Eq. 3 for f(θ, φ) = mean μ_φ(sg[ℓ_i]) ℓ_i + λ/2 ‖θ‖² on a softmax classifier, written out here
-    independently of the recipe: dense Hessian and mixed Jacobian from torch.func, solved exactly."""
+@pytest.mark.parametrize("norm", ["batch", "sum"])
+def test_meta_weight_net_hypergradient_matches_a_dense_solve_in_float64(norm):
+    """Eq. 3 for f(θ, φ) = mean μ_φ(sg[ℓ_i]) ℓ_i + λ/2 ‖θ‖² (``sum``: Σ μ_φ ℓ_i / Σ μ_φ + ...) on a softmax
+    classifier, written out here independently of the recipe: dense Hessian and mixed Jacobian from
+    torch.func, solved exactly."""
     g = torch.Generator().manual_seed(0)
     dt, lam = torch.float64, 1e-2
     x, y = torch.randn(40, 6, generator=g, dtype=dt), torch.randint(3, (40,), generator=g)
@@ -118,7 +120,8 @@ def test_meta_weight_net_hypergradient_matches_a_dense_solve_in_float64():
         losses = F.cross_entropy(functional_call(model, theta, (x,)), y, reduction="none")
         hidden = torch.relu(losses.detach()[:, None] * phi["0.weight"].T + phi["0.bias"])
         weights = torch.sigmoid(hidden @ phi["2.weight"].T + phi["2.bias"]).squeeze(1)
-        return (weights * losses).mean() + 0.5 * lam * sum(t.square().sum() for t in theta.values())
+        data = (weights * losses).mean() if norm == "batch" else (weights * losses).sum() / weights.sum()
+        return data + 0.5 * lam * sum(t.square().sum() for t in theta.values())
 
     def g_val(theta):
         return F.cross_entropy(functional_call(model, theta, (xv,)), yv)
@@ -138,7 +141,7 @@ def test_meta_weight_net_hypergradient_matches_a_dense_solve_in_float64():
 
     result = implicit_hypergradient(
         list(weight_net.parameters()),
-        lambda m: reweighting.inner_objective(m, weight_net, x, y, lam),
+        lambda m: reweighting.inner_objective(m, weight_net, x, y, lam, norm=norm),
         lambda m: F.cross_entropy(m(xv), yv), model, make_solver("exact", rho=0.0))
     got = torch.cat([t.reshape(-1) for t in result.grads])
     assert expected.norm() > 1e-4  # a hypergradient that is really there
@@ -183,6 +186,38 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, data_root):
         assert resumed["curves"][name] == straight["curves"][name]
     assert resumed["weight_curves"] == straight["weight_curves"]
     assert resumed["final"]["per_class_acc"] == straight["final"]["per_class_acc"]
+
+
+def test_pair_flip_moves_each_corrupted_label_to_the_next_class():
+    labels = torch.arange(10).repeat(200)
+    noisy = pair_flip_labels(labels, 0.4, 10, torch.Generator().manual_seed(0))
+    changed = noisy != labels
+    assert torch.equal(noisy[changed], (labels[changed] + 1) % 10)  # one fixed target per class
+    assert 0.35 < changed.float().mean().item() < 0.45
+
+
+def test_flip_noise_with_an_mlp_records_clean_and_noisy_weights(tmp_path, data_root):
+    flags = ["--dataset", "mnist", "--data-root", str(data_root), "--outer-steps", "2", *TINY, "--imbalance", "1",
+             "--arch", "mlp", "--mlp-hidden", "32", "--label-noise", "0.4", "--noise-type", "flip",
+             "--train-subset", "300"]
+    run = reweighting.main([*flags, "--weight-norm", "sum", "--out", str(tmp_path / "mlp")])
+    assert sum(run["final"]["train_counts"]) == 300
+    assert 0.3 < run["final"]["label_noise_actual"] < 0.5  # flip noise always changes the label
+    stats = run["train_stats"]
+    assert [s["step"] for s in stats] == [2]  # at every evaluation
+    for key in ("weight_clean", "weight_noisy", "loss_clean", "loss_noisy", "fit_clean", "fit_noisy"):
+        assert 0.0 <= stats[0][key] < 10.0
+    assert len(stats[0]["weight_per_class"]) == 10 and all(0 < w < 1 for w in stats[0]["weight_per_class"])
+    base = reweighting.main([*flags, "--baseline", "--out", str(tmp_path / "base")])
+    assert base["train_stats"][0]["weight_clean"] is None and base["train_stats"][0]["fit_noisy"] is not None
+    clean = reweighting.main([*flags[:-6], "--train-subset", "300", "--baseline", "--out", str(tmp_path / "clean")])
+    assert clean["train_stats"][0]["loss_noisy"] is None and clean["final"]["label_noise_actual"] == 0.0
+
+
+def test_lenet_refuses_resized_images_with_one_line(tmp_path, data_root):
+    with pytest.raises(SystemExit, match="^error: --arch lenet takes 28 x 28 images, got 16 x 16"):
+        reweighting.main(["--dataset", "mnist", "--data-root", str(data_root), "--outer-steps", "1", *TINY,
+                          "--arch", "lenet", "--out", str(tmp_path)])
 
 
 def test_bad_values_and_missing_data_exit_with_one_line(tmp_path, data_root):
