@@ -81,8 +81,11 @@ def command(folder: Path, seed: int) -> str:
     """The recorded command line of a run, with its seed written as ``$SEED`` (in ``--seed`` and the folder)."""
     config = json.loads((folder / "config.json").read_text())
     program, *args = config["command"].split()
+    args = [a for a in args if a != "--overwrite"]  # a re-run into a used folder; a fresh one needs none
     args = [re.sub(rf"^{seed}$|_s{seed}$", lambda m: m.group(0).replace(str(seed), "$SEED"), a)
             if i and args[i - 1] in ("--seed", "--out") else a for i, a in enumerate(args)]
+    # shown with the recipe's own folder layout, runs/<name>, wherever the run wrote (the folder changes nothing)
+    args = [f"runs/{Path(a).name}" if i and args[i - 1] == "--out" else a for i, a in enumerate(args)]
     return " ".join(["python -m", "recipes." + program.removesuffix(".py"), *args])
 
 
