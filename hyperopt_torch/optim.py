@@ -16,7 +16,7 @@ from ._warn import warn
 from .hvp import ENGINES, Batching, check_engine
 from ._inner import LossFn
 from .hypergrad import HypergradInfo, Hypergradient, implicit_hypergradient
-from .ihvp import RESULT_NEUTRAL, SOLVER_SETTINGS, Solver, make_solver, solver_config
+from .ihvp import RESULT_NEUTRAL, SOLVER_SETTINGS, Solver, check_solver_name, make_solver, solver_config
 
 _NONFINITE = ("warn", "raise")
 
@@ -228,9 +228,7 @@ class HyperOptimizer(Optimizer):
         check_hparams(_flat_hparams(groups))
         _check_base(base)
         if isinstance(ihvp, str):
-            if ihvp not in SOLVER_SETTINGS:  # named before the settings are checked
-                raise ValueError(f"Invalid ihvp: {ihvp!r} (expected one of {', '.join(map(repr, SOLVER_SETTINGS))} or "
-                                 "a solver object)")
+            check_solver_name(ihvp)  # named before the settings are checked
         elif isinstance(ihvp, type):
             raise TypeError(f"ihvp={ihvp.__name__} is a class: pass a solver object, e.g. ihvp={ihvp.__name__}(...), "
                             "or its name")

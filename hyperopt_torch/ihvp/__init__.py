@@ -46,6 +46,12 @@ SOLVER_NAMES = tuple(SOLVER_SETTINGS)
 RESULT_NEUTRAL = ("chunk", "seed")
 
 
+def check_solver_name(name) -> None:
+    """Raise ``ValueError`` naming the valid choices unless ``name`` is a key of :data:`SOLVER_SETTINGS`."""
+    if not isinstance(name, str) or name not in SOLVER_SETTINGS:
+        raise ValueError(f"Invalid ihvp: {name!r} (expected one of {', '.join(map(repr, SOLVER_NAMES))} or a solver object)")
+
+
 def make_solver(name: str, *, rank: int | None = None, rho: float | None = None, chunk: int | str | None = None,
                 sketch: str | None = None, seed: int | None = None, iters: int | None = None,
                 alpha: float | None = None, tol: float | None = None) -> Solver:
@@ -61,8 +67,7 @@ def make_solver(name: str, *, rank: int | None = None, rho: float | None = None,
         ValueError: an unknown name, a setting that does not apply to this
             solver, or an invalid value.
     """
-    if not isinstance(name, str) or name not in SOLVER_SETTINGS:
-        raise ValueError(f"Invalid ihvp: {name!r} (expected one of {', '.join(map(repr, SOLVER_NAMES))} or a solver object)")
+    check_solver_name(name)
     given = {"rank": rank, "rho": rho, "chunk": chunk, "sketch": sketch, "seed": seed, "iters": iters, "alpha": alpha,
              "tol": tol}
     extra = sorted(k for k, v in given.items() if v is not None and k not in SOLVER_SETTINGS[name])
@@ -96,7 +101,7 @@ def solver_config(solver) -> dict:
 
 __all__ = [
     "Matvec", "Operator", "as_operator", "Solution", "Solver", "matvec_inplace", "run_solver", "make_solver", "SOLVER_NAMES", "SOLVER_SETTINGS", "RESULT_NEUTRAL",
-    "solver_config",
+    "solver_config", "check_solver_name",
     "Nystrom", "ConjugateGradient", "Minres", "NormalCG", "Neumann", "Identity", "Exact",
     "nystrom_solve", "nystrom_sketch", "nystrom_from_sketch", "cg_solve", "minres_solve", "normal_cg_solve",
     "neumann_solve", "identity_solve", "exact_solve",
