@@ -198,27 +198,72 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Given(argparse._StoreAction):
+    """Stores like ``store`` and records that the flag was on the command line (see :class:`_RecipeParser`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _RecipeParser(argparse.ArgumentParser):
+    """Says so, on one line of stderr, when a solver flag on the command line is read by no solver of the run.
+
+    ``--ihvp neumann --rank 3`` would otherwise run Neumann and leave the rank unused without a word.  A
+    notice, not an error: a sweep passes one set of flags to every ``--ihvp``.  With ``--ihvp all`` (or
+    iMAML's ``--check-solvers``) a flag counts as read when one of the choices reads it.
+    """
+
+    given: set[str]
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = set()
+        namespace, extras = super().parse_known_args(args, namespace)
+        ihvp = getattr(namespace, "ihvp", None)
+        # --ihvp all, and iMAML's --check-solvers (which compares every solver), read every solver's flags
+        if getattr(namespace, "baseline", False) or os.environ.get("RANK", "0") != "0":
+            return namespace, extras  # no solver runs; under torchrun rank 0 alone says it
+        every = ihvp == "all" or getattr(namespace, "check_solvers", False)
+        names = [c for c in self._ihvp_choices if c != "all"] if every else [ihvp]
+        for dest in sorted(self.given & set(_FLAG_SOLVERS)):
+            if not any(name in _FLAG_SOLVERS[dest] for name in names):
+                takes = [f"--{flag.replace('_', '-')}" for flag, users in _FLAG_SOLVERS.items() if ihvp in users]
+                print(f"{self.prog}: note: --{dest.replace('_', '-')} is ignored: --ihvp {ihvp} does not read it "
+                      f"(it reads {', '.join(takes) or 'none of the solver flags'})", file=sys.stderr)
+        return namespace, extras
+
+
+# Solver flag -> the solvers that read it (--seed also seeds the data, so it is never refused).
+_FLAG_SOLVERS = {flag: tuple(name for name, settings in SOLVER_FLAGS.items() if flag in settings)
+                 for flag in ("rank", "rho", "chunk", "sketch", "iters", "alpha", "tol")}
+_FLAG_SOLVERS["max_memory"] = ("exact",)
+
+
 def make_parser(prog: str, description: str, *, outer_steps: int, rank: int, rho: float, iters: int, alpha: float,
                 threads: int | None = None, ihvp_choices: tuple[str, ...] = SOLVERS) -> argparse.ArgumentParser:
-    """A parser with the flags every recipe takes; the defaults are the recipe's (the paper's) values."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_DefaultsFormatter)
+    """A parser with the flags every recipe takes; the defaults are the recipe's (the paper's) values.
+
+    A solver flag given on the command line that the chosen ``--ihvp`` does not read is named on stderr.
+    """
+    parser = _RecipeParser(prog=prog, description=description, formatter_class=_DefaultsFormatter)
+    parser._ihvp_choices = tuple(ihvp_choices)
     solver = parser.add_argument_group("inverse-Hessian-vector product (paper symbols in brackets)")
     solver.add_argument("--ihvp", choices=ihvp_choices, default="nystrom", help="solver for (H + ρI)⁻¹ ∇_θ g")
-    solver.add_argument("--rank", type=positive_int, default=rank, help="Nyström rank [k]")
-    solver.add_argument("--rho", type=nonnegative_float, default=rho,
+    solver.add_argument("--rank", action=_Given, type=positive_int, default=rank, help="Nyström rank [k]")
+    solver.add_argument("--rho", action=_Given, type=nonnegative_float, default=rho,
                         help="Nyström regulariser [ρ]; also the damping of cg, minres, normal_cg and exact")
-    solver.add_argument("--chunk", type=chunk_value, default=None,
+    solver.add_argument("--chunk", action=_Given, type=chunk_value, default=None,
                         help="Nyström columns held at once [κ], 1..rank or 'auto' (the largest that fits the "
                              "device's free memory); default rank (time-efficient)")
-    solver.add_argument("--iters", type=positive_int, default=iters,
+    solver.add_argument("--iters", action=_Given, type=positive_int, default=iters,
                         help="cg / minres / normal_cg / Neumann iterations [l]")
-    solver.add_argument("--alpha", type=positive_float, default=alpha, help="Neumann step size [α]")
-    solver.add_argument("--sketch", choices=SKETCHES, default="columns",
+    solver.add_argument("--alpha", action=_Given, type=positive_float, default=alpha, help="Neumann step size [α]")
+    solver.add_argument("--sketch", action=_Given, choices=SKETCHES, default="columns",
                         help="Nyström test matrix Ω: random Hessian columns (the paper) or Gaussian")
-    solver.add_argument("--tol", type=positive_float, default=None,
+    solver.add_argument("--tol", action=_Given, type=positive_float, default=None,
                         help="cg, minres, normal_cg: stop once ‖r‖ ≤ tol·‖b‖ (normal_cg: of A²x = Ab); "
                              "default run all --iters iterations")
-    solver.add_argument("--max-memory", type=positive_float, default=Exact().max_memory / GIB,
+    solver.add_argument("--max-memory", action=_Given, type=positive_float, default=Exact().max_memory / GIB,
                         help="exact: GiB its dense Hessian may take (Exact(max_memory=...)); larger models are refused")
     run = parser.add_argument_group("run")
     run.add_argument("--outer-steps", type=positive_int, default=outer_steps, help="budget: hyperparameter updates")

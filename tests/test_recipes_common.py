@@ -52,6 +52,27 @@ def test_bad_flag_value_is_a_usage_error_not_a_traceback(capsys):
     assert "expected an integer >= 1" in capsys.readouterr().err
 
 
+def test_a_solver_flag_the_chosen_solver_does_not_read_is_named_on_stderr(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    args = parse(["--ihvp", "neumann", "--rank", "3", "--iters", "4"])
+    err = capsys.readouterr().err
+    assert args.rank == 3 and args.iters == 4  # parsed as given: a sweep may pass one set of flags to every solver
+    assert err.count("\n") == 1 and "--rank is ignored: --ihvp neumann does not read it (it reads --iters, --alpha)" in err
+    parse(["--ihvp", "identity", "--max-memory", "1"])
+    assert "--max-memory is ignored: --ihvp identity does not read it (it reads none" in capsys.readouterr().err
+    parse(["--ihvp", "nystrom", "--rank", "3", "--rho", "0.1", "--chunk", "1", "--sketch", "gaussian", "--seed", "2"])
+    parse(["--ihvp", "cg", "--iters", "3", "--tol", "1e-3", "--rho", "0.1"])
+    parse(["--ihvp", "neumann"])  # the recipe's defaults are never named
+    assert capsys.readouterr().err == ""
+    all_parser = common.make_parser("recipes.test", "test", outer_steps=3, rank=5, rho=0.01, iters=7, alpha=0.02,
+                                    ihvp_choices=(*common.SOLVERS, "all"))
+    all_parser.parse_args(["--ihvp", "all", "--rank", "3", "--alpha", "0.1"])  # each read by one of the solvers
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
+    parse(["--ihvp", "neumann", "--rank", "3"])
+    assert capsys.readouterr().err == ""
+
+
 def raising(error: BaseException):
     """A recipe's ``main`` under the shared error layer that raises ``error``."""
     @common.command
