@@ -354,6 +354,30 @@ def test_zero_grad_set_to_none_false_and_step_hooks_reach_the_base():
     assert seen == [hopt.base]
 
 
+def test_tensor_hooks_on_an_hparam_see_the_parts_and_a_step_pre_hook_sees_the_whole_hypergradient():
+    # docs/api.md: .grad is written, not backpropagated into; a register_hook hook sees each part autograd
+    # computes for the hparam (direct and mixed term), a post-accumulate hook does not run.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    x, y = torch.randn(20, 3, dtype=DT), torch.randn(20, 1, dtype=DT)
+    lam = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    parts, post, pre = [], [], []
+    lam.register_hook(lambda g: parts.append(g.clone()))
+    lam.register_post_accumulate_grad_hook(lambda t: post.append(t))
+    hopt = HyperOptimizer([lam], base=torch.optim.SGD, ihvp="exact", lr=0.1)
+    hopt.register_step_pre_hook(lambda opt, args, kwargs: pre.append(lam.grad.clone()))
+    train = lambda m: ((m(x) - y) ** 2).mean() + lam * (m.weight ** 2).sum()
+    val = lambda m: ((m(x[:10]) - y[:10]) ** 2).mean() + 0.5 * lam ** 2  # direct term: lam
+    expected = hopt.hypergradient(train, val, model).grads[0]
+    parts.clear()
+    hopt.step(train, val, model)
+    assert post == []
+    direct, mixed = parts  # the direct term ∂g/∂φ = lam, then the product (∂²f/∂φ∂θ)ᵀ v that is subtracted
+    assert torch.allclose(direct, torch.tensor(0.3, dtype=DT), rtol=1e-12, atol=0)
+    assert torch.allclose(direct - mixed, expected, rtol=1e-12, atol=0) and mixed.abs() > 0.1
+    assert len(pre) == 1 and torch.allclose(pre[0], expected, rtol=1e-12, atol=0)
+
+
 def test_every_public_torch_optim_feature_behaves_as_on_the_base(ridge):
     """The delegation (as torch.distributed.optim's PostLocalSGDOptimizer): each public feature of
     torch.optim.Optimizer, exercised on the shell and on a plain base side by side, does the same."""
