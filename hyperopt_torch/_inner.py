@@ -95,13 +95,17 @@ class Inner:
             self._check_entries(entries, lambda i: f"{argument}[{i}]")
             self.params, self.names = self._unique([(f"{argument}[{i}]", t) for i, t in entries])
         else:
+            hint = " (wrap it: [t])" if isinstance(params, torch.Tensor) else \
+                " (pass list(...) of it)" if hasattr(params, "__next__") else ""
             raise TypeError(f"{argument} must be an nn.Module, a dict of tensors or a list/tuple of tensors, "
-                            f"got {type(params).__name__}")
+                            f"got {type(params).__name__}{hint}")
         self.value = params
         if not self.params:
             what = "parameters" if self.kind == "module" else "tensors"
+            hint = ("unfreeze them (p.requires_grad_())" if self.kind == "module"
+                    else "create θ with requires_grad=True, or call t.requires_grad_() on each")
             raise ValueError(f"{argument} has no {what} with requires_grad=True: there is no inner problem to "
-                             "differentiate")
+                             f"differentiate; {hint}")
         for i, p in enumerate(self.params):
             if not p.is_leaf:
                 how = ("p.detach().requires_grad_()" if self.kind != "module" else

@@ -59,7 +59,7 @@ class HypergradInfo:
             ``2/λ_max`` or on negative curvature); the result was set to NaN
             and ``skipped`` is true.
         negative_curvature: conjugate gradient met ``dᵀ(H + ρI)d < 0`` and
-            stopped there (truncated Newton); the result was applied and a
+            stopped there (truncated Newton); the truncated result was used and a
             ``RuntimeWarning`` issued.
     """
 
@@ -200,7 +200,7 @@ def implicit_hypergradient(
     if info.negative_curvature:
         warn(
             f"{info.solver} met negative curvature dᵀ(H + ρI)d < 0 and stopped there (truncated Newton): "
-            "the training Hessian is not positive definite at these parameters. The result was applied; raise "
+            "the training Hessian is not positive definite at these parameters. The truncated result was used; raise "
             "rho above the most negative eigenvalue, or train the inner model closer to a minimum.",
             RuntimeWarning,
         )

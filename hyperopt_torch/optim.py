@@ -426,7 +426,10 @@ class HyperOptimizer(Optimizer):
         Raises:
             ValueError: ``weight`` is not a finite number.
         """
-        if isinstance(weight, torch.Tensor) and weight.numel() == 1 and not weight.requires_grad:
+        if isinstance(weight, torch.Tensor) and weight.numel() == 1:
+            if weight.requires_grad:
+                raise ValueError(f"Invalid weight: {weight!r} (a weight that requires grad would not be "
+                                 "differentiated through: pass weight.detach() or weight.item())")
             weight = weight.item()
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise ValueError(f"Invalid weight: {weight!r} (expected a finite number)")

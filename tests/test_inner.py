@@ -161,6 +161,20 @@ def test_a_non_leaf_theta_is_named_with_how_to_detach_it(form):
                                .pow(2).sum(), lambda p: p[0].sum(), params, Exact())
 
 
+def test_theta_of_the_wrong_kind_or_without_gradients_says_what_to_pass():
+    w = torch.randn(3, dtype=DT, requires_grad=True)
+    phi = torch.zeros((), dtype=DT, requires_grad=True)
+    loss = lambda p: phi.exp() * p[0].pow(2).sum()
+    with pytest.raises(TypeError, match=r"got Tensor \(wrap it: \[t\]\)"):
+        implicit_hypergradient([phi], loss, loss, w, Exact())
+    with pytest.raises(TypeError, match=r"got generator \(pass list\(\.\.\.\) of it\)"):
+        implicit_hypergradient([phi], loss, loss, (t for t in [w]), Exact())
+    with pytest.raises(ValueError, match=r"no tensors with requires_grad=True.*call t\.requires_grad_\(\)"):
+        implicit_hypergradient([phi], loss, loss, [w.detach()], Exact())
+    with pytest.raises(ValueError, match=r"no parameters with requires_grad=True.*unfreeze them"):
+        implicit_hypergradient([phi], loss, loss, nn.Linear(2, 1).requires_grad_(False), Exact())
+
+
 def test_a_loss_with_the_wrong_signature_is_told_how_it_is_called():
     params, hparams, train, val = problem("dict")
     with pytest.raises(TypeError, match=r"train_loss_fn is called with one argument, the dict of tensors passed as "

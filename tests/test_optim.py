@@ -236,6 +236,7 @@ def test_runs_on_the_model_device():
         (dict(rank=4, chunk=5), ValueError, "Invalid chunk"),
         (dict(ihvp="newton"), ValueError, "Invalid ihvp"),
         (dict(ihvp=3), ValueError, "Invalid ihvp"),
+        (dict(ihvp="CG"), ValueError, "did you mean 'cg'"),
         (dict(ihvp="cg", rank=3), ValueError, "rank does not apply"),
         (dict(ihvp=Nystrom(), rank=3), ValueError, "settings on the object"),
         (dict(base=torch.nn.Linear), TypeError, "base must be a torch.optim.Optimizer subclass"),
@@ -437,6 +438,8 @@ def test_accumulate_adds_weighted_hypergradients_in_place_as_backward_does(ridge
     for bad in (float("nan"), "0.5", True):
         with pytest.raises(ValueError, match="Invalid weight"):
             hopt.accumulate(ridge.train_loss, ridge.val_loss, ridge.model, weight=bad)
+    with pytest.raises(ValueError, match=r"would not be differentiated through: pass weight.detach\(\)"):
+        hopt.accumulate(ridge.train_loss, ridge.val_loss, ridge.model, weight=torch.tensor(0.5, requires_grad=True))
 
 
 def test_named_parameters_and_named_groups_work_as_in_torch_optim():

@@ -15,6 +15,8 @@ can be run on a dense matrix: ``matvec = lambda V: V @ A``.
 
 from __future__ import annotations
 
+import difflib
+
 from ._base import Matvec, Operator, Solution, Solver, as_operator, matvec_inplace, run_solver
 from .cg import ConjugateGradient, cg_solve
 from .exact import Exact, exact_memory, exact_solve
@@ -49,7 +51,10 @@ RESULT_NEUTRAL = ("chunk", "seed")
 def check_solver_name(name) -> None:
     """Raise ``ValueError`` naming the valid choices unless ``name`` is a key of :data:`SOLVER_SETTINGS`."""
     if not isinstance(name, str) or name not in SOLVER_SETTINGS:
-        raise ValueError(f"Invalid ihvp: {name!r} (expected one of {', '.join(map(repr, SOLVER_NAMES))} or a solver object)")
+        close = difflib.get_close_matches(name.lower().replace("-", "_"), SOLVER_NAMES, n=1) if isinstance(name, str) else []
+        hint = f": did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Invalid ihvp: {name!r} (expected one of {', '.join(map(repr, SOLVER_NAMES))} or a solver "
+                         f"object){hint}")
 
 
 def make_solver(name: str, *, rank: int | None = None, rho: float | None = None, chunk: int | str | None = None,
