@@ -214,17 +214,20 @@ class _RecipeParser(argparse.ArgumentParser):
     iMAML's ``--check-solvers``) a flag counts as read when one of the choices reads it.
     """
 
-    given: set[str]
+    def __init__(self, *args, ihvp_choices: tuple[str, ...], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ihvp_choices = tuple(ihvp_choices)
+        self.given: set[str] = set()  # filled by _Given while parsing
 
     def parse_known_args(self, args=None, namespace=None):
         self.given = set()
         namespace, extras = super().parse_known_args(args, namespace)
-        ihvp = getattr(namespace, "ihvp", None)
-        # --ihvp all, and iMAML's --check-solvers (which compares every solver), read every solver's flags
         if getattr(namespace, "baseline", False) or os.environ.get("RANK", "0") != "0":
             return namespace, extras  # no solver runs; under torchrun rank 0 alone says it
+        ihvp = getattr(namespace, "ihvp", None)
+        # --ihvp all, and iMAML's --check-solvers (which compares every solver), read every solver's flags
         every = ihvp == "all" or getattr(namespace, "check_solvers", False)
-        names = [c for c in self._ihvp_choices if c != "all"] if every else [ihvp]
+        names = [c for c in self.ihvp_choices if c != "all"] if every else [ihvp]
         for dest in sorted(self.given & set(_FLAG_SOLVERS)):
             if not any(name in _FLAG_SOLVERS[dest] for name in names):
                 takes = [f"--{flag.replace('_', '-')}" for flag, users in _FLAG_SOLVERS.items() if ihvp in users]
@@ -233,7 +236,7 @@ class _RecipeParser(argparse.ArgumentParser):
         return namespace, extras
 
 
-# Solver flag -> the solvers that read it (--seed also seeds the data, so it is never refused).
+# Solver flag -> the solvers that read it (--seed also seeds the data, so it is never named).
 _FLAG_SOLVERS = {flag: tuple(name for name, settings in SOLVER_FLAGS.items() if flag in settings)
                  for flag in ("rank", "rho", "chunk", "sketch", "iters", "alpha", "tol")}
 _FLAG_SOLVERS["max_memory"] = ("exact",)
@@ -245,8 +248,8 @@ def make_parser(prog: str, description: str, *, outer_steps: int, rank: int, rho
 
     A solver flag given on the command line that the chosen ``--ihvp`` does not read is named on stderr.
     """
-    parser = _RecipeParser(prog=prog, description=description, formatter_class=_DefaultsFormatter)
-    parser._ihvp_choices = tuple(ihvp_choices)
+    parser = _RecipeParser(prog=prog, description=description, formatter_class=_DefaultsFormatter,
+                           ihvp_choices=ihvp_choices)
     solver = parser.add_argument_group("inverse-Hessian-vector product (paper symbols in brackets)")
     solver.add_argument("--ihvp", choices=ihvp_choices, default="nystrom", help="solver for (H + ρI)⁻¹ ∇_θ g")
     solver.add_argument("--rank", action=_Given, type=positive_int, default=rank, help="Nyström rank [k]")
