@@ -16,6 +16,47 @@ DT = torch.float64
 torch.set_num_threads(1)
 
 
+# -- dense linear algebra for the solver tests (test_ihvp, test_minres, test_normal_cg) --------------------
+class Counted:
+    """matvec over a dense symmetric matrix that counts Hessian-vector products and calls."""
+
+    def __init__(self, A):
+        self.A, self.calls, self.batches = A, 0, 0
+
+    def __call__(self, V):
+        self.calls += V.shape[0] if V.dim() == 2 else 1
+        self.batches += 1
+        return V @ self.A
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def spectrum(lam, seed=0):
+    """Q diag(lam) Qᵀ with a random orthogonal Q (float64)."""
+    Q, _ = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=gen(seed), dtype=DT))
+    return (Q * lam) @ Q.T
+
+
+def forbid_host_sync(monkeypatch, *modules) -> list[str]:
+    """Run ``modules``' device loops (``HOST_SCALARS = ()``) with every Tensor method that reads a value on
+    the host raising; returns the list the refused calls are appended to.  ``monkeypatch.undo()`` ends it."""
+    calls: list[str] = []
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"host synchronisation: Tensor.{name}")
+        return method
+
+    for module in modules:
+        monkeypatch.setattr(module, "HOST_SCALARS", ())  # the loop a GPU runs, here on the CPU
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    return calls
+
+
 @dataclass
 class Problem:
     model: nn.Module

@@ -9,19 +9,9 @@ from hyperopt_torch.ihvp import (
     Operator, Solution, cg_solve, exact_solve, identity_solve, neumann_solve, nystrom_solve, run_solver, sample_columns,
 )
 
+from conftest import Counted, forbid_host_sync, gen, spectrum
+
 DT = torch.float64
-
-
-class Counted:
-    """matvec over a dense symmetric matrix that counts Hessian-vector products."""
-
-    def __init__(self, A):
-        self.A, self.calls, self.batches = A, 0, 0
-
-    def __call__(self, V):
-        self.calls += V.shape[0] if V.dim() == 2 else 1
-        self.batches += 1
-        return V @ self.A
 
 
 def spd(p, cond=10.0, seed=0, dtype=DT):
@@ -54,8 +44,6 @@ def loop(request, monkeypatch):
     return request.param
 
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 # --- Nyström -------------------------------------------------------------------------------------
@@ -267,16 +255,11 @@ def test_exact_with_tiny_damping_has_no_rounding_blown_up_by_one_over_rho():
 
 # --- cut-offs: which eigenvalues are data (A1, A2) ----------------------------------------------
 
-def spectrum(p, lam, seed=0):
-    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=gen(seed), dtype=DT))
-    return (Q * lam) @ Q.T
-
-
 def test_float32_nystrom_at_full_rank_keeps_directions_far_below_the_largest():
     """d = λ² in the second decomposition: a relative cut-off there of k·ε dropped |λ| < √(kε)·λmax
     (3e-3 of the largest in float32) and sent those directions to b/ρ."""
     p = 64
-    A = spectrum(p, 64 * torch.logspace(0, -4, p, dtype=DT)).float()  # a loss summed over 64 examples
+    A = spectrum(64 * torch.logspace(0, -4, p, dtype=DT)).float()  # a loss summed over 64 examples
     b = torch.randn(p, generator=gen(1), dtype=torch.float32)
     for rho in (0.01, 1e-9):
         x = nystrom_solve(lambda V: V @ A, b, p, rho, generator=gen())
@@ -299,7 +282,7 @@ def test_half_precision_cut_off_keeps_every_eigenvalue_above_the_rounding(dtype,
     that agree exactly (rows of a stored matrix) are data down to the smallest eigenvalue, here
     ρ/3: a cut at ε·max|λ| would send those directions to b/ρ (35 % off)."""
     p, rho = 256, 0.01
-    A = spectrum(p, torch.logspace(0, -2.5, p, dtype=DT))
+    A = spectrum(torch.logspace(0, -2.5, p, dtype=DT))
     A16 = A.to(dtype).double()
     b = torch.randn(p, generator=gen(2), dtype=DT).to(dtype)
     x = solve(low_precision_matvec(A, dtype), b, rho)
@@ -318,7 +301,7 @@ def test_noise_eigenvalues_of_products_stored_in_float32_are_cut(solve):
     """bfloat16-sized errors in float32 storage (autocast): the float32 ε cannot see them, the
     skew-symmetric part of W does.  The null space of A must go to b/ρ, not to 1/noise."""
     p, rho = 60, 1e-4
-    A = spectrum(p, torch.cat([torch.linspace(10, 1, 20, dtype=DT), torch.zeros(40, dtype=DT)])).float()
+    A = spectrum(torch.cat([torch.linspace(10, 1, 20, dtype=DT), torch.zeros(40, dtype=DT)])).float()
     noise = torch.Generator().manual_seed(3)
 
     def matvec(V):
@@ -344,7 +327,7 @@ def test_neumann_flag_from_the_last_term_equals_the_flag_from_every_term(seed):
     """‖v_j‖² = Σ c_i² μ_i^{2j} is convex in j, so no middle term exceeds both ends: checking v_l is enough."""
     g = gen(seed)
     lam = torch.cat([torch.rand(8, generator=g, dtype=DT) * 10 - 2, torch.tensor([0.0], dtype=DT)])
-    A, b = spectrum(9, lam, seed), torch.randn(9, generator=g, dtype=DT)
+    A, b = spectrum(lam, seed), torch.randn(9, generator=g, dtype=DT)
     for alpha in (0.05, 0.19, 0.21, 0.4):
         for iters in (1, 2, 5, 20):
             M, v, norms = torch.eye(9, dtype=DT) - alpha * A, b, [b.norm()]
@@ -364,7 +347,7 @@ def test_neumann_flags_negative_curvature():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_neumann_is_not_flagged_when_contractive_even_on_a_null_space(dtype):
     """α just below 2/λmax, and directions with λ = 0 whose terms never shrink."""
-    A = spectrum(30, torch.cat([torch.linspace(10, 1, 20, dtype=DT), torch.zeros(10, dtype=DT)]))
+    A = spectrum(torch.cat([torch.linspace(10, 1, 20, dtype=DT), torch.zeros(10, dtype=DT)]))
     b = torch.randn(30, generator=gen(5), dtype=DT)
     solution = neumann_solve(low_precision_matvec(A, dtype), b.to(dtype), 200, alpha=0.199)
     assert not bool(solution.diverged) and solution.x.dtype == dtype
@@ -390,7 +373,7 @@ def test_run_solver_turns_a_diverged_solve_into_nan_and_keeps_custom_tensors():
 def indefinite(p=20, seed=0):
     lam = torch.linspace(-1.0, 4.0, p, dtype=DT)
     lam = lam[lam.abs() > 0.05]
-    return spectrum(lam.numel(), lam, seed)
+    return spectrum(lam, seed)
 
 
 def test_cg_stops_at_the_first_non_positive_curvature_and_flags_it(loop):
@@ -446,17 +429,7 @@ def test_cg_and_neumann_loops_never_synchronise(monkeypatch):
     """The flags are device tensors: nothing inside the loops reads a value on the host."""
     A = indefinite()
     b = torch.randn(A.shape[0], generator=gen(6), dtype=DT)
-    calls = []
-
-    def refuse(name):
-        def method(self, *args, **kwargs):
-            calls.append(name)
-            raise AssertionError(f"host synchronisation: Tensor.{name}")
-        return method
-
-    monkeypatch.setattr(cg_module, "HOST_SCALARS", ())  # the loop a GPU runs, here on the CPU
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
-        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    calls = forbid_host_sync(monkeypatch, cg_module)
     cg = cg_solve(Counted(A), b, 30)
     neumann = neumann_solve(Counted(A), b, 60, 0.1)  # λ = −1 grows 1.1× per term
     monkeypatch.undo()

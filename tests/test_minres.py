@@ -8,28 +8,9 @@ import hyperopt_torch.ihvp.minres as minres_module
 from hyperopt_torch import ConjugateGradient, HyperOptimizer, Minres, implicit_hypergradient, make_solver
 from hyperopt_torch.ihvp import Operator, cg_solve, minres_solve, neumann_solve, run_solver
 
+from conftest import Counted, forbid_host_sync, gen, spectrum
+
 DT = torch.float64
-
-
-class Counted:
-    """matvec over a dense symmetric matrix that counts Hessian-vector products."""
-
-    def __init__(self, A):
-        self.A, self.calls = A, 0
-
-    def __call__(self, V):
-        self.calls += V.shape[0] if V.dim() == 2 else 1
-        return V @ self.A
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def spectrum(lam, seed=0):
-    """Q diag(lam) Qᵀ with a random orthogonal Q."""
-    Q, _ = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=gen(seed), dtype=DT))
-    return (Q * lam) @ Q.T
 
 
 def spd(p=30, cond=10.0):
@@ -210,17 +191,7 @@ def test_minres_host_and_device_loops_agree(monkeypatch, A, dtype, tol):
 
 def test_minres_device_loop_never_synchronises(monkeypatch):
     """Without tol nothing inside the device loop reads a value on the host, breakdowns included."""
-    calls = []
-
-    def refuse(name):
-        def method(self, *args, **kwargs):
-            calls.append(name)
-            raise AssertionError(f"host synchronisation: Tensor.{name}")
-        return method
-
-    monkeypatch.setattr(minres_module, "HOST_SCALARS", ())  # the loop a GPU runs, here on the CPU
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
-        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    calls = forbid_host_sync(monkeypatch, minres_module)
     indefinite_x = minres_solve(Counted(indefinite()), rhs(30), 40).x
     diagonal = torch.diag(torch.tensor([2.0, 1.0], dtype=DT))
     breakdown_x = minres_solve(Counted(diagonal), torch.tensor([1.0, 0.0], dtype=DT), 5).x

@@ -9,27 +9,9 @@ import hyperopt_torch.ihvp.cg as cg_module
 from hyperopt_torch import NormalCG, implicit_hypergradient, make_solver
 from hyperopt_torch.ihvp import Operator, cg_solve, normal_cg_solve, run_solver
 
+from conftest import Counted, gen, spectrum
+
 DT = torch.float64
-
-
-class Counted:
-    """matvec over a dense symmetric matrix that counts Hessian-vector products."""
-
-    def __init__(self, A):
-        self.A, self.calls = A, 0
-
-    def __call__(self, V):
-        self.calls += V.shape[0] if V.dim() == 2 else 1
-        return V @ self.A
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def spectrum(lam, seed=0):
-    Q, _ = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=gen(seed), dtype=DT))
-    return (Q * lam) @ Q.T
 
 
 def indefinite(p=30):
